@@ -1,0 +1,283 @@
+"""Raw text corpora: which files an input names, how they split into work items, how documents are read.
+
+An input PATH is a file, a directory (walked recursively, hidden entries skipped), a glob, or the word
+`stdlib`: the Python standard library's `.py` files on this machine, the embedded default corpus.
+
+Documents:
+- `.jsonl` (and `.jsonl.gz`): one JSON object per line; the document is its `text` field (configurable).
+- anything else (and its `.gz`): the whole file is one document.
+Files are decoded as UTF-8 with replacement (counted); a plain-text file holding NUL bytes is binary and
+skipped (counted); a document that is empty or only whitespace is skipped (counted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import sysconfig
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STDLIB = "stdlib"
+
+
+class CorpusError(ValueError):
+    """A corpus input that cannot be read; the message names the input and the fix."""
+
+
+@dataclass
+class CorpusStats:
+    """Counts of what reading the corpus kept and skipped; reported by the tools and saved in manifests."""
+
+    files: int = 0
+    bytes: int = 0
+    documents: int = 0
+    empty_skipped: int = 0
+    binary_skipped: int = 0
+    invalid_utf8: int = 0
+    bad_lines_skipped: int = 0
+
+    def add(self, other: CorpusStats) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"{self.documents:,} documents from {self.files:,} files ({self.bytes / 1e6:,.1f} MB); skipped: "
+            f"{self.empty_skipped:,} empty, {self.binary_skipped:,} binary files, "
+            f"{self.bad_lines_skipped:,} bad JSONL lines; {self.invalid_utf8:,} with invalid UTF-8 (replaced)"
+        )
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Bytes [start, end) of one file; `end=None` means the whole file (always so for `.gz`)."""
+
+    path: str
+    start: int = 0
+    end: int | None = None
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    text_field: str = "text"
+    skip_bad_lines: bool = False
+
+
+def stdlib_files() -> list[Path]:
+    """The `.py` files of this interpreter's standard library (site-packages excluded), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    files = sorted(p for p in root.rglob("*.py") if skip.isdisjoint(p.relative_to(root).parts))
+    if not files:
+        raise CorpusError(f"no .py files under the standard library at {root}; pass a corpus with --input")
+    return files
+
+
+def _walk(directory: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return out
+
+
+def resolve_inputs(paths: list[str]) -> list[Path]:
+    """Expand every input to a sorted, de-duplicated list of files. Raises CorpusError on a bad input."""
+    if not paths:
+        raise CorpusError("no input given; pass --input PATH (a file, a directory, a glob, or 'stdlib')")
+    files: list[Path] = []
+    for p in paths:
+        if p == STDLIB:
+            files.extend(stdlib_files())
+        elif glob.has_magic(p):
+            matches = sorted(glob.glob(p, recursive=True))
+            if not matches:
+                raise CorpusError(f"input glob matches nothing: {p!r}; check the pattern")
+            for m in matches:
+                files.extend(_walk(Path(m)) if os.path.isdir(m) else [Path(m)])
+        elif os.path.isdir(p):
+            found = _walk(Path(p))
+            if not found:
+                raise CorpusError(f"input directory is empty: {p}; point --input at the corpus files")
+            files.extend(found)
+        elif os.path.isfile(p):
+            files.append(Path(p))
+        else:
+            raise CorpusError(f"input path does not exist: {p}; check the path (or use 'stdlib')")
+    return sorted({f.resolve() for f in files})
+
+
+def is_jsonl(path: str | Path) -> bool:
+    name = str(path).lower()
+    return name.endswith(".jsonl") or name.endswith(".jsonl.gz")
+
+
+def is_gzip(path: str | Path) -> bool:
+    return str(path).lower().endswith(".gz")
+
+
+def plan_segments(files: list[Path], chunk_bytes: int = 1 << 20) -> list[list[Segment]]:
+    """Group files into work items of about `chunk_bytes`; large uncompressed JSONL files are split at
+    line boundaries. The plan is a pure function of the files' contents and sizes."""
+    items: list[list[Segment]] = []
+    current: list[Segment] = []
+    current_bytes = 0
+
+    def flush():
+        nonlocal current, current_bytes
+        if current:
+            items.append(current)
+        current, current_bytes = [], 0
+
+    for f in files:
+        size = f.stat().st_size
+        if is_jsonl(f) and not is_gzip(f) and size > chunk_bytes:
+            flush()
+            for start, end in _line_ranges(f, size, chunk_bytes):
+                items.append([Segment(str(f), start, end)])
+            continue
+        current.append(Segment(str(f)))
+        current_bytes += size
+        if current_bytes >= chunk_bytes:
+            flush()
+    flush()
+    return items
+
+
+def _line_ranges(path: Path, size: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    with open(path, "rb") as fh:
+        start = 0
+        while start < size:
+            fh.seek(min(start + chunk_bytes, size))
+            fh.readline()  # advance to the end of the line the target offset falls in
+            end = min(fh.tell(), size)
+            yield start, end
+            start = end
+
+
+def segment_size(seg: Segment) -> int:
+    if seg.end is None:
+        return os.path.getsize(seg.path)
+    return seg.end - seg.start
+
+
+def _read_bytes(seg: Segment) -> bytes:
+    try:
+        if is_gzip(seg.path):
+            with gzip.open(seg.path, "rb") as fh:
+                return fh.read()
+        with open(seg.path, "rb") as fh:
+            fh.seek(seg.start)
+            return fh.read() if seg.end is None else fh.read(seg.end - seg.start)
+    except (EOFError, OSError, zlib.error) as e:
+        raise CorpusError(
+            f"cannot read {seg.path}: {e}; the file is truncated or corrupt, replace or remove it"
+        ) from None
+
+
+def _decode(raw: bytes, stats: CorpusStats) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats.invalid_utf8 += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def _line_number(seg: Segment, offset_in_segment: int) -> int:
+    if is_gzip(seg.path):
+        return -1
+    with open(seg.path, "rb") as fh:
+        return fh.read(seg.start + offset_in_segment).count(b"\n") + 1
+
+
+def read_segment(seg: Segment, opts: ReadOptions, stats: CorpusStats) -> Iterator[str]:
+    """Yield the non-empty documents of one segment, updating `stats`."""
+    raw = _read_bytes(seg)
+    stats.bytes += len(raw)
+    if seg.start == 0:
+        stats.files += 1
+    if not is_jsonl(seg.path):
+        if b"\x00" in raw:
+            stats.binary_skipped += 1
+            return
+        yield from _keep(_decode(raw, stats), stats)
+        return
+    offset = 0
+    for line in raw.split(b"\n"):
+        line_start, offset = offset, offset + len(line) + 1
+        if not line.strip():
+            continue
+        problem = None
+        try:
+            obj = json.loads(_decode(line, stats))
+        except ValueError:
+            problem = "is not valid JSON"
+        else:
+            if not isinstance(obj, dict) or opts.text_field not in obj:
+                problem = f"has no {opts.text_field!r} field"
+            elif not isinstance(obj[opts.text_field], str):
+                problem = f"has a non-string {opts.text_field!r} field"
+        if problem is not None:
+            if opts.skip_bad_lines:
+                stats.bad_lines_skipped += 1
+                continue
+            where = _line_number(seg, line_start)
+            loc = f"{seg.path}:{where}" if where > 0 else f"{seg.path} (byte {line_start} uncompressed)"
+            raise CorpusError(
+                f"{loc}: JSONL line {problem}; fix it, set --text-field, or pass --skip-bad-lines to skip such lines"
+            )
+        text = obj[opts.text_field]
+        if not _is_encodable(text):
+            stats.invalid_utf8 += 1
+            text = text.encode("utf-8", errors="replace").decode("utf-8")
+        yield from _keep(text, stats)
+
+
+def _is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from JSON escapes
+        return False
+    return True
+
+
+def _keep(text: str, stats: CorpusStats) -> Iterator[str]:
+    if text.strip():
+        stats.documents += 1
+        yield text
+    else:
+        stats.empty_skipped += 1
+
+
+@dataclass
+class Corpus:
+    """A resolved list of input files, planned into work items, and readable document by document."""
+
+    inputs: list[str]
+    opts: ReadOptions = field(default_factory=ReadOptions)
+    chunk_bytes: int = 1 << 20
+
+    def __post_init__(self):
+        self.files = resolve_inputs(self.inputs)
+        self.items = plan_segments(self.files, self.chunk_bytes)
+
+    def documents(self, stats: CorpusStats) -> Iterator[str]:
+        for item in self.items:
+            for seg in item:
+                yield from read_segment(seg, self.opts, stats)
+
+    def total_bytes(self) -> int:
+        return sum(segment_size(s) for item in self.items for s in item)
+
+    def fingerprint(self) -> list[list]:
+        """(path, size, mtime) of every file: what a resumed preparation must find unchanged."""
+        return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in self.files]

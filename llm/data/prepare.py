@@ -1,0 +1,329 @@
+"""Corpus -> token shards: parallel tokenization, exact de-duplication, a deterministic val split, resume.
+
+Pipeline: the corpus is planned into work items (groups of files or line-aligned pieces of a large JSONL
+file; `llm.data.corpus`). Worker processes read, decode, hash and tokenize whole items; the main process
+takes their results in item order, drops exact duplicates (first occurrence kept, by a 128-bit BLAKE2b
+of the text), assigns each document to val when its hash falls below `val_fraction` (so the split does not
+depend on order, worker count or reruns), and appends `tokens + [EOS]` to that split's buffer.
+
+Resume: whenever a buffer reaches `shard_tokens` it is written as a shard (atomically), and a checkpoint
+records how many work items are done, the shards written so far, the other split's pending tokens and the
+hashes seen (an append-only file). A rerun of the same command after an interruption continues from the
+last checkpoint; anything written after it is discarded. The manifest is written last and atomically.
+The output is a pure function of the inputs and options: the number of workers does not change a byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from llm.data.corpus import Corpus, CorpusStats, ReadOptions, Segment, read_segment, segment_size
+from llm.data.files import atomic_write, atomic_write_json, sha256_file
+from llm.data.shards import (
+    DTYPES,
+    FORMAT,
+    MANIFEST,
+    SPLITS,
+    ShardError,
+    dtype_for_vocab,
+    read_manifest,
+    write_manifest,
+    write_shard,
+)
+from llm.data.tokenizer import Tokenizer
+
+STATE_FILE = ".prepare_state.json"
+SEEN_FILE = ".prepare_seen.bin"
+HASH_BYTES = 16
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[str]
+    tokenizer: str
+    output: str
+    val_fraction: float = 0.005
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    shard_tokens: int = 100_000_000
+    dtype: str = "auto"
+    text_field: str = "text"
+    skip_bad_lines: bool = False
+    chunk_bytes: int = 1 << 20
+
+    def validate(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {self.workers}")
+        if self.shard_tokens < 1:
+            raise ValueError(f"--shard-tokens must be positive, got {self.shard_tokens}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Worker side: one work item in, (hashes, concatenated tokens with EOS, per-document lengths) out.
+
+_worker_tok: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _worker_tok
+    _worker_tok = Tokenizer.load(tokenizer_dir)
+
+
+def _encode_item(args: tuple[list[Segment], ReadOptions, str]):
+    item, opts, dtype = args
+    stats = CorpusStats()
+    docs = [doc for seg in item for doc in read_segment(seg, opts, stats)]
+    hashes = b"".join(hashlib.blake2b(d.encode("utf-8"), digest_size=HASH_BYTES).digest() for d in docs)
+    ids = _worker_tok.encode_batch(docs) if docs else []
+    eos = _worker_tok.eos_id
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.empty(int(lengths.sum()), dtype=DTYPES[dtype])
+    pos = 0
+    for x in ids:
+        flat[pos : pos + len(x)] = x
+        flat[pos + len(x)] = eos
+        pos += len(x) + 1
+    return hashes, flat, lengths, stats
+
+
+def _results(cfg: PrepareConfig, items: list[list[Segment]], opts: ReadOptions, dtype: str):
+    work = [(item, opts, dtype) for item in items]
+    if cfg.workers == 1:
+        _init_worker(cfg.tokenizer)
+        yield from map(_encode_item, work)
+        return
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg.tokenizer,)) as pool:
+        yield from pool.imap(_encode_item, work, chunksize=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main side.
+
+
+def _is_val(digest: bytes, val_fraction: float) -> bool:
+    return int.from_bytes(digest[:8], "little") < val_fraction * 2.0**64
+
+
+@dataclass
+class _SplitBuffer:
+    shards: list[dict] = field(default_factory=list)
+    pending: list[np.ndarray] = field(default_factory=list)
+    pending_tokens: int = 0
+
+    def append(self, tokens: np.ndarray) -> None:
+        self.pending.append(tokens)
+        self.pending_tokens += tokens.size
+
+    def take(self, dtype: str) -> np.ndarray:
+        out = np.concatenate(self.pending) if self.pending else np.empty(0, DTYPES[dtype])
+        self.pending, self.pending_tokens = [], 0
+        return out
+
+
+def prepare(
+    cfg: PrepareConfig,
+    progress: bool = True,
+    verbose: bool = True,
+    command: list[str] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> dict:
+    """Tokenize `cfg.inputs` into shards under `cfg.output` and return the manifest. `progress` shows a
+    progress bar, `verbose` prints what was done.
+
+    `on_checkpoint(items_done)` is called after each checkpoint (tests use it to interrupt a run)."""
+    cfg.validate()
+    out = Path(cfg.output)
+    tok = Tokenizer.load(cfg.tokenizer)
+    dtype = dtype_for_vocab(tok.vocab_size, cfg.dtype)
+    opts = ReadOptions(cfg.text_field, cfg.skip_bad_lines)
+    corpus = Corpus(cfg.inputs, opts, cfg.chunk_bytes)
+    fingerprint = {
+        "tokenizer_sha256": tok.sha256,
+        "val_fraction": cfg.val_fraction,
+        "shard_tokens": cfg.shard_tokens,
+        "dtype": dtype,
+        "text_field": cfg.text_field,
+        "skip_bad_lines": cfg.skip_bad_lines,
+        "chunk_bytes": cfg.chunk_bytes,
+        "files": hashlib.sha256(json.dumps(corpus.fingerprint()).encode()).hexdigest(),
+        "n_files": len(corpus.files),
+    }
+    if (out / MANIFEST).is_file():
+        manifest = read_manifest(out)
+        if manifest.get("fingerprint") != fingerprint:
+            raise ShardError(
+                f"{out} already holds a complete dataset made from other inputs or options; "
+                "choose a new --output or delete it"
+            )
+        _log(verbose, f"{out} is already complete ({MANIFEST} present); nothing to do")
+        return manifest
+    out.mkdir(parents=True, exist_ok=True)
+
+    state = _load_state(out, fingerprint)
+    bufs = {s: _SplitBuffer() for s in SPLITS}
+    stats = CorpusStats()
+    dups = 0
+    items_done = 0
+    seen: set[bytes] = set()
+    if state is not None:
+        items_done, dups, seen = state["items_done"], state["duplicates_dropped"], state["seen"]
+        stats.add(CorpusStats(**state["stats"]))
+        for s in SPLITS:
+            bufs[s].shards = state["shards"][s]
+            pending = out / f".prepare_pending_{s}.bin"
+            if state["pending_tokens"][s]:
+                bufs[s].append(np.fromfile(pending, dtype=np.dtype(DTYPES[dtype]).newbyteorder("<")))
+        _log(verbose, f"resuming {out}: {items_done}/{len(corpus.items)} work items already done")
+    seen_fh = open(out / SEEN_FILE, "ab")
+    new_hashes: list[bytes] = []
+
+    def checkpoint(flush_all: bool) -> None:
+        for s in SPLITS:
+            b = bufs[s]
+            if b.pending_tokens and (flush_all or b.pending_tokens >= cfg.shard_tokens):
+                b.shards.append(write_shard(out, s, len(b.shards), b.take(dtype), tok.eos_id))
+        seen_fh.write(b"".join(new_hashes))
+        seen_fh.flush()
+        os.fsync(seen_fh.fileno())
+        new_hashes.clear()
+        for s in SPLITS:
+            if bufs[s].pending:
+                merged = bufs[s].take(dtype)
+                bufs[s].append(merged)
+                atomic_write(out / f".prepare_pending_{s}.bin", merged.tobytes())
+        atomic_write_json(
+            out / STATE_FILE,
+            {
+                "fingerprint": fingerprint,
+                "items_done": items_done,
+                "seen_count": len(seen),
+                "duplicates_dropped": dups,
+                "stats": stats.as_dict(),
+                "shards": {s: bufs[s].shards for s in SPLITS},
+                "pending_tokens": {s: bufs[s].pending_tokens for s in SPLITS},
+            },
+        )
+
+    todo = corpus.items[items_done:]
+    total = sum(segment_size(s) for item in todo for s in item)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress, file=sys.stderr)
+    t0 = time.time()
+    tokens_total = 0
+    for item, (hashes, flat, lengths, item_stats) in zip(todo, _results(cfg, todo, opts, dtype), strict=True):
+        stats.add(item_stats)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        for i in range(len(lengths)):
+            digest = hashes[i * HASH_BYTES : (i + 1) * HASH_BYTES]
+            if digest in seen:
+                dups += 1
+                continue
+            seen.add(digest)
+            new_hashes.append(digest)
+            split = "val" if _is_val(digest, cfg.val_fraction) else "train"
+            bufs[split].append(flat[starts[i] : starts[i + 1]])
+        items_done += 1
+        tokens_total += flat.size
+        bar.update(sum(segment_size(s) for s in item))
+        bar.set_postfix(tokens=f"{tokens_total / 1e6:.1f}M", refresh=False)
+        if any(b.pending_tokens >= cfg.shard_tokens for b in bufs.values()):
+            checkpoint(flush_all=False)
+            if on_checkpoint is not None:
+                on_checkpoint(items_done)
+    bar.close()
+
+    if not seen:
+        raise ShardError(f"the corpus has no documents ({stats.summary()}); check --input")
+    checkpoint(flush_all=True)
+    seen_fh.close()
+    manifest = {
+        "format": FORMAT,
+        "dtype": dtype,
+        "tokenizer": {
+            "sha256": tok.sha256,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "model_type": tok.meta.get("model_type"),
+        },
+        "splits": {
+            s: {
+                "tokens": sum(e["tokens"] for e in bufs[s].shards),
+                "documents": sum(e["documents"] for e in bufs[s].shards),
+                "shards": bufs[s].shards,
+            }
+            for s in SPLITS
+        },
+        "stats": {**stats.as_dict(), "duplicates_dropped": dups},
+        "fingerprint": fingerprint,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "workers"},
+        "command": command or [],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_manifest(out, manifest)
+    for name in (STATE_FILE, SEEN_FILE, ".prepare_pending_train.bin", ".prepare_pending_val.bin"):
+        (out / name).unlink(missing_ok=True)
+    elapsed = time.time() - t0
+    _log(
+        verbose,
+        f"wrote {out}: train {manifest['splits']['train']['tokens']:,} tokens, "
+        f"val {manifest['splits']['val']['tokens']:,} tokens ({dtype}); {stats.summary()}; "
+        f"{dups:,} duplicates dropped; {elapsed:.1f}s",
+    )
+    if cfg.val_fraction > 0 and manifest["splits"]["val"]["tokens"] == 0:
+        _log(verbose, "warning: the val split is empty; raise --val-fraction or add documents")
+    return manifest
+
+
+def _load_state(out: Path, fingerprint: dict) -> dict | None:
+    """The last checkpoint of an interrupted run, with stray files from after it removed."""
+    path = out / STATE_FILE
+    if not path.is_file():
+        for stray in _our_files(out):
+            stray.unlink()
+        return None
+    state = json.loads(path.read_text())
+    if state["fingerprint"] != fingerprint:
+        diff = sorted(k for k in fingerprint if fingerprint[k] != state["fingerprint"].get(k))
+        raise ShardError(
+            f"{out} holds an interrupted preparation with different {', '.join(diff)}; rerun with the same "
+            "arguments to resume, or delete the directory to start over"
+        )
+    keep = {e["file"] for s in SPLITS for e in state["shards"][s]} | {STATE_FILE, SEEN_FILE}
+    keep |= {f".prepare_pending_{s}.bin" for s in SPLITS}
+    for stray in _our_files(out):
+        if stray.name not in keep:
+            stray.unlink()
+    for s in SPLITS:
+        for e in state["shards"][s]:
+            if sha256_file(out / e["file"]) != e["sha256"]:
+                raise ShardError(f"{out / e['file']} changed since it was written; delete {out} to start over")
+    n = state["seen_count"]
+    raw = (out / SEEN_FILE).read_bytes()[: n * HASH_BYTES]
+    with open(out / SEEN_FILE, "r+b") as fh:
+        fh.truncate(n * HASH_BYTES)
+    state["seen"] = {raw[i : i + HASH_BYTES] for i in range(0, len(raw), HASH_BYTES)}
+    return state
+
+
+def _our_files(out: Path) -> list[Path]:
+    """Files this module writes into an output directory (other files there are left alone)."""
+    pattern = re.compile(r"((train|val)_\d{5}\.bin|\.prepare_\w+\.(bin|json))(\.tmp)?")
+    return [p for p in out.iterdir() if pattern.fullmatch(p.name)]
+
+
+def _log(enabled: bool, msg: str) -> None:
+    if enabled:
+        print(msg, file=sys.stderr, flush=True)

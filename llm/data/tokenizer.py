@@ -1,0 +1,211 @@
+"""The SentencePiece tokenizer: training, loading with an integrity check, encode and decode.
+
+A tokenizer directory holds `tokenizer.model` (the SentencePiece model) and `tokenizer.json` (vocab size,
+special ids, model type, the model file's sha256, and what it was trained on). Settings that matter:
+- byte fallback: a character outside the vocabulary becomes its UTF-8 bytes, so no text is unrepresentable;
+- identity normalisation, no dummy prefix, no whitespace collapsing, "\n" a piece of its own: decode(encode(s))
+  == s for every string (code keeps its indentation and newlines);
+- digits are split one per token.
+Training reads the corpus line by line and SentencePiece keeps a uniform sample of `input_sentence_size`
+lines (reservoir sampling), so memory is bounded by that sample whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+
+from llm.data.corpus import Corpus, CorpusError, CorpusStats, ReadOptions
+from llm.data.files import atomic_write, atomic_write_json, sha256_file
+
+MODEL_FILE = "tokenizer.model"
+SIDECAR_FILE = "tokenizer.json"
+FORMAT = "llm-tokenizer/1"
+SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
+MODEL_TYPES = ("bpe", "unigram", "char")
+# SentencePiece skips longer training lines; longer lines are cut into pieces of this many characters.
+MAX_SENTENCE_CHARS = 4096
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be trained or loaded; the message names the problem and the fix."""
+
+
+@dataclass
+class Tokenizer:
+    """A loaded SentencePiece model with its sidecar metadata."""
+
+    directory: Path
+    sp: spm.SentencePieceProcessor
+    meta: dict
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        d = Path(directory)
+        model, sidecar = d / MODEL_FILE, d / SIDECAR_FILE
+        for f in (model, sidecar):
+            if not f.is_file():
+                raise TokenizerError(f"tokenizer file missing: {f}; train one with tools/train_tokenizer.py")
+        try:
+            meta = json.loads(sidecar.read_text())
+        except ValueError as e:
+            raise TokenizerError(f"{sidecar} is not valid JSON ({e}); retrain with tools/train_tokenizer.py") from None
+        digest = sha256_file(model)
+        if meta.get("sha256") != digest:
+            raise TokenizerError(
+                f"{model} has sha256 {digest} but {sidecar} records {meta.get('sha256')}: the two files are "
+                "from different trainings; retrain with tools/train_tokenizer.py"
+            )
+        sp = spm.SentencePieceProcessor(model_file=str(model))
+        return cls(d, sp, meta)
+
+    @property
+    def sha256(self) -> str:
+        return self.meta["sha256"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.vocab_size()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        """Encode many texts; parallelism is the caller's (one thread by default, so that worker
+        processes do not oversubscribe the cores)."""
+        return self.sp.encode(texts, num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+def _sentences(docs: Iterator[str]) -> Iterator[str]:
+    """Training sentences: the non-blank lines of each document, long lines cut into pieces."""
+    for doc in docs:
+        for line in doc.split("\n"):
+            if not line.strip():
+                continue
+            for i in range(0, len(line), MAX_SENTENCE_CHARS):
+                yield line[i : i + MAX_SENTENCE_CHARS]
+
+
+def train_tokenizer(
+    inputs: list[str],
+    output: str | Path,
+    vocab_size: int = 8192,
+    model_type: str = "bpe",
+    text_field: str = "text",
+    skip_bad_lines: bool = False,
+    input_sentence_size: int = 2_000_000,
+    character_coverage: float = 0.9995,
+    seed: int = 0,
+    num_threads: int | None = None,
+) -> Tokenizer:
+    """Train a SentencePiece model on `inputs` and write it (with its sidecar) to `output`."""
+    if model_type not in MODEL_TYPES:
+        raise TokenizerError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    min_vocab = 256 + len(SPECIAL_IDS) + 1  # bytes + specials + "\n"
+    if vocab_size <= min_vocab:
+        raise TokenizerError(f"vocab size {vocab_size} is too small: byte fallback alone needs more than {min_vocab}")
+    corpus = Corpus(inputs, ReadOptions(text_field, skip_bad_lines))
+    stats = CorpusStats()
+    counted = _count(_sentences(corpus.documents(stats)))
+    writer = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=counted,
+            model_writer=writer,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=True,
+            split_digits=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            user_defined_symbols=["\n"],
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            character_coverage=character_coverage,
+            max_sentence_length=4 * MAX_SENTENCE_CHARS,  # bytes; a UTF-8 character takes at most 4
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+            **SPECIAL_IDS,
+        )
+    except RuntimeError as e:
+        if counted.error is not None:
+            raise counted.error from None
+        if stats.documents == 0:
+            raise TokenizerError(f"the corpus has no documents ({stats.summary()}); check --input") from None
+        msg = str(e).split("] ")[-1].strip()
+        raise TokenizerError(f"SentencePiece training failed: {msg}") from None
+    if counted.error is not None:
+        raise counted.error
+    if stats.documents == 0:
+        raise TokenizerError(f"the corpus has no documents ({stats.summary()}); check --input")
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    model_bytes = writer.getvalue()
+    atomic_write(out / MODEL_FILE, model_bytes)
+    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    meta = {
+        "format": FORMAT,
+        "model_file": MODEL_FILE,
+        "sha256": hashlib.sha256(model_bytes).hexdigest(),
+        "vocab_size": sp.vocab_size(),
+        "model_type": model_type,
+        **SPECIAL_IDS,
+        "byte_fallback": True,
+        "options": {
+            "requested_vocab_size": vocab_size,
+            "input_sentence_size": input_sentence_size,
+            "character_coverage": character_coverage,
+            "seed": seed,
+            "text_field": text_field,
+        },
+        "trained_on": {"inputs": list(inputs), "sentences": counted.n, **stats.as_dict()},
+        "sentencepiece_version": spm.__version__,
+    }
+    atomic_write_json(out / SIDECAR_FILE, meta)
+    return Tokenizer.load(out)
+
+
+class _count:
+    """An iterator wrapper that counts what passes through and keeps a CorpusError for the caller
+    (an exception raised inside SentencePiece's callback would lose its message)."""
+
+    def __init__(self, it: Iterator[str]):
+        self.it, self.n, self.error = it, 0, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        try:
+            item = next(self.it)
+        except CorpusError as e:
+            self.error = e
+            raise StopIteration from None
+        self.n += 1
+        return item

@@ -1,0 +1,143 @@
+"""Benchmark the data pipeline: tokenizer training, shard preparation (1 worker vs all cores), dataset reads.
+
+    python tools/bench_data.py                 # the stdlib corpus; writes tools/results/bench_data.json
+    python tools/bench_data.py --smoke         # tiny, for CI
+
+Reports tokenizer-training time and peak memory (measured in a child process), preparation throughput
+(MB/s of input, tokens/s) with 1 worker and with every core plus their ratio, and the packed dataset's
+read throughput (tokens/s on one core) for seq_len x batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+import torch
+
+from llm.data.dataset import BatchLoader, open_windows
+from llm.data.prepare import PrepareConfig, prepare
+from llm.data.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench_tokenizer(inputs: list[str], vocab: int, out: Path) -> dict:
+    """Train in a child process so that its peak RSS is the tokenizer's alone."""
+    t0 = time.perf_counter()
+    cmd = [sys.executable, str(ROOT / "tools/train_tokenizer.py"), "--input", *inputs]
+    cmd += ["--vocab-size", str(vocab), "--output", str(out)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t0
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: kilobytes
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak_kb / 1024, 1), "vocab_size": vocab}
+
+
+def bench_prepare(inputs: list[str], tok: Path, out: Path, workers: int) -> dict:
+    t0 = time.perf_counter()
+    cfg = PrepareConfig(inputs=inputs, tokenizer=str(tok), output=str(out), workers=workers)
+    manifest = prepare(cfg, progress=False, verbose=False)
+    seconds = time.perf_counter() - t0
+    tokens = sum(s["tokens"] for s in manifest["splits"].values())
+    mb = manifest["stats"]["bytes"] / 1e6
+    return {
+        "workers": workers,
+        "seconds": round(seconds, 2),
+        "mb_per_s": round(mb / seconds, 2),
+        "tokens_per_s": round(tokens / seconds),
+        "tokens": tokens,
+        "input_mb": round(mb, 1),
+    }
+
+
+def bench_reads(data: Path, seq_len: int, batch: int, seconds: float) -> dict:
+    torch.set_num_threads(1)
+    windows = open_windows([data], "train", seq_len, seed=0)
+    tok_eos = json.loads((data / "manifest.json").read_text())["tokenizer"]["eos_id"]
+    loader = BatchLoader(windows, global_batch=batch, micro_batch=batch, eos_id=tok_eos)
+    next(loader)  # warm the page cache and the permutation
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        next(loader)
+        n += 1
+    elapsed = time.perf_counter() - t0
+    return {
+        "seq_len": seq_len,
+        "batch": batch,
+        "batches": n,
+        "tokens_per_s": round(n * batch * seq_len / elapsed),
+        "windows_per_epoch": windows.n,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", default=["stdlib"])
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--read-seconds", type=float, default=5.0)
+    p.add_argument("--smoke", action="store_true", help="a tiny corpus and short runs (CI)")
+    p.add_argument("--out", default=str(ROOT / "tools/results/bench_data.json"))
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.input = [str(Path(sysconfig.get_paths()["stdlib"]) / "json")]
+        args.vocab_size, args.seq_len, args.batch, args.read_seconds = 400, 64, 4, 0.2
+
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tok = bench_tokenizer(args.input, args.vocab_size, tmp / "tok")
+        Tokenizer.load(tmp / "tok")
+        one = bench_prepare(args.input, tmp / "tok", tmp / "one", workers=1)
+        many = bench_prepare(args.input, tmp / "tok", tmp / "many", workers=cores)
+        reads = bench_reads(tmp / "many", args.seq_len, args.batch, args.read_seconds)
+    result = {
+        "machine": {
+            "cpu_cores": cores,
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        "inputs": args.input,
+        "tokenizer_training": tok,
+        "prepare_1_worker": one,
+        f"prepare_{cores}_workers": many,
+        "prepare_speedup": round(one["seconds"] / many["seconds"], 2),
+        "dataset_reads": reads,
+    }
+    print(f"machine: {cores} cores, {platform.platform()}")
+    print(
+        f"tokenizer training : {tok['seconds']:.1f} s, peak RSS {tok['peak_rss_mb']:.0f} MB (vocab {tok['vocab_size']})"
+    )
+    for r in (one, many):
+        print(
+            f"prepare, {r['workers']} worker(s): {r['mb_per_s']:.2f} MB/s, {r['tokens_per_s']:,} tokens/s "
+            f"({r['input_mb']} MB in {r['seconds']} s)"
+        )
+    print(f"prepare speedup    : {result['prepare_speedup']:.2f}x with {cores} workers")
+    print(
+        f"dataset reads      : {reads['tokens_per_s'] / 1e6:.1f} M tokens/s "
+        f"(seq_len {reads['seq_len']} x batch {reads['batch']}, one core)"
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

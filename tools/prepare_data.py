@@ -1,0 +1,76 @@
+"""Tokenize a corpus into packed token shards, or verify prepared shards.
+
+    python tools/prepare_data.py --input stdlib --tokenizer data/tok --output data/stdlib
+    python tools/prepare_data.py --verify data/stdlib
+
+Rerunning an interrupted command resumes it; the manifest is written last, so a directory without
+manifest.json is never mistaken for a complete dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import _bootstrap  # noqa: F401
+
+from llm.data.corpus import CorpusError
+from llm.data.prepare import PrepareConfig, prepare
+from llm.data.shards import ShardError, verify
+from llm.data.tokenizer import TokenizerError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--verify", metavar="OUT", help="re-check every shard of OUT against its manifest and exit")
+    p.add_argument("--input", nargs="+", help="files, directories, globs, or 'stdlib'")
+    p.add_argument("--tokenizer", help="directory holding tokenizer.model and tokenizer.json")
+    p.add_argument("--output", help="output directory for the shards and manifest.json")
+    p.add_argument("--val-fraction", type=float, default=0.005)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (about)")
+    p.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto")
+    p.add_argument("--text-field", default="text", help="the JSONL field holding the text")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed JSONL lines")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+
+    if args.verify:
+        try:
+            problems = verify(args.verify)
+        except ShardError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for line in problems:
+            print(f"BAD {line}", file=sys.stderr)
+        if problems:
+            print(f"error: {len(problems)} bad shard(s) in {args.verify}; re-prepare the data", file=sys.stderr)
+            return 1
+        print(f"ok: every shard of {args.verify} matches its manifest")
+        return 0
+
+    missing = [f"--{n}" for n in ("input", "tokenizer", "output") if not getattr(args, n)]
+    if missing:
+        p.error(f"missing {', '.join(missing)} (or use --verify OUT)")
+    cfg = PrepareConfig(
+        inputs=args.input,
+        tokenizer=args.tokenizer,
+        output=args.output,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+        shard_tokens=args.shard_tokens,
+        dtype=args.dtype,
+        text_field=args.text_field,
+        skip_bad_lines=args.skip_bad_lines,
+    )
+    try:
+        prepare(cfg, progress=not args.no_progress, command=sys.argv)
+    except (CorpusError, ShardError, TokenizerError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

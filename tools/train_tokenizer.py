@@ -1,0 +1,60 @@
+"""Train the SentencePiece tokenizer.
+
+python tools/train_tokenizer.py --input stdlib --vocab-size 8192 --model-type bpe --output data/tok
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import _bootstrap  # noqa: F401
+
+from llm.data.corpus import CorpusError
+from llm.data.tokenizer import MODEL_TYPES, TokenizerError, train_tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="files, directories, globs, or 'stdlib'")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
+    p.add_argument("--output", required=True, help="directory for tokenizer.model and tokenizer.json")
+    p.add_argument("--text-field", default="text", help="the JSONL field holding the text")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed JSONL lines")
+    p.add_argument(
+        "--input-sentence-size",
+        type=int,
+        default=2_000_000,
+        help="lines SentencePiece samples for training; bounds memory whatever the corpus size",
+    )
+    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    t0 = time.time()
+    try:
+        tok = train_tokenizer(
+            args.input,
+            args.output,
+            vocab_size=args.vocab_size,
+            model_type=args.model_type,
+            text_field=args.text_field,
+            skip_bad_lines=args.skip_bad_lines,
+            input_sentence_size=args.input_sentence_size,
+            character_coverage=args.character_coverage,
+            seed=args.seed,
+        )
+    except (CorpusError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t = tok.meta["trained_on"]
+    print(
+        f"wrote {args.output}: {tok.meta['model_type']} vocab {tok.vocab_size:,} (sha256 {tok.sha256[:12]}), "
+        f"trained on {t['sentences']:,} lines of {t['documents']:,} documents in {time.time() - t0:.1f}s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
