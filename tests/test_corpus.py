@@ -18,7 +18,8 @@ from llm.data.corpus import (
 )
 
 
-def read_all(paths, opts=ReadOptions(), chunk_bytes=1 << 20):
+def read_all(paths, opts=None, chunk_bytes=1 << 20):
+    opts = opts or ReadOptions()
     stats = CorpusStats()
     docs = list(Corpus([str(p) for p in paths], opts, chunk_bytes).documents(stats))
     return docs, stats
@@ -138,7 +139,7 @@ def test_large_jsonl_is_split_at_line_boundaries(tmp_path):
     assert len(items) > 10
     segs = [s for item in items for s in item]
     assert segs[0].start == 0 and segs[-1].end == f.stat().st_size
-    assert all(a.end == b.start for a, b in zip(segs, segs[1:]))
+    assert all(a.end == b.start for a, b in zip(segs[:-1], segs[1:], strict=True))
     stats = CorpusStats()
     docs = [d for s in segs for d in read_segment(s, ReadOptions(), stats)]
     assert docs == texts

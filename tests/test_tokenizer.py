@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import STDLIB_JSON
+
 from llm.data.corpus import CorpusError
 from llm.data.files import sha256_file
 from llm.data.tokenizer import SPECIAL_IDS, Tokenizer, TokenizerError, train_tokenizer

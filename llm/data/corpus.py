@@ -76,7 +76,11 @@ def stdlib_files() -> list[Path]:
     """The `.py` files of this interpreter's standard library (site-packages excluded), sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    files = sorted(p for p in root.rglob("*.py") if skip.isdisjoint(p.relative_to(root).parts))
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip]  # prune: site-packages can be huge
+        files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
+    files.sort()
     if not files:
         raise CorpusError(f"no .py files under the standard library at {root}; pass a corpus with --input")
     return files

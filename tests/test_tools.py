@@ -1,0 +1,91 @@
+"""The command-line tools as a user runs them: exit codes, one-line errors, outputs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tool(name, *args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True, text=True, cwd=ROOT
+    )
+
+
+def test_train_tokenizer_then_prepare_then_verify(tmp_path, corpus_dir):
+    r = tool("train_tokenizer.py", "--input", corpus_dir, "--vocab-size", 400, "--output", tmp_path / "tok")
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and (tmp_path / "tok" / "tokenizer.model").is_file()
+    r = tool(
+        "prepare_data.py",
+        "--input",
+        corpus_dir,
+        "--tokenizer",
+        tmp_path / "tok",
+        "--output",
+        tmp_path / "out",
+        "--workers",
+        2,
+        "--no-progress",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stderr and "300 documents" in r.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["command"][1:] == [
+        "--input",
+        str(corpus_dir),
+        "--tokenizer",
+        str(tmp_path / "tok"),
+        "--output",
+        str(tmp_path / "out"),
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
+    r = tool("prepare_data.py", "--verify", tmp_path / "out")
+    assert r.returncode == 0 and r.stdout.startswith("ok")
+
+    shard = tmp_path / "out" / "train_00000.bin"
+    shard.write_bytes(b"\x01\x00" + shard.read_bytes()[2:])
+    r = tool("prepare_data.py", "--verify", tmp_path / "out")
+    assert r.returncode == 1
+    assert "BAD train shard train_00000.bin: sha256" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "name, args, message",
+    [
+        ("train_tokenizer.py", ["--input", "/nonexistent/x", "--output", "o"], "input path does not exist"),
+        ("prepare_data.py", ["--verify", "/nonexistent/d"], "data directory does not exist"),
+        (
+            "prepare_data.py",
+            ["--input", "stdlib", "--tokenizer", "/nonexistent/t", "--output", "o"],
+            "tokenizer file missing",
+        ),
+    ],
+)
+def test_bad_input_gives_one_error_line(name, args, message):
+    r = tool(name, *args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+def test_prepare_without_inputs_shows_usage():
+    r = tool("prepare_data.py", "--output", "x")
+    assert r.returncode == 2 and "missing --input, --tokenizer" in r.stderr
+
+
+def test_bench_data_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    r = tool("bench_data.py", "--smoke", "--out", out)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["tokenizer_training"]["seconds"] > 0 and result["tokenizer_training"]["peak_rss_mb"] > 10
+    assert result["prepare_1_worker"]["tokens_per_s"] > 0 and result["prepare_speedup"] > 0
+    assert result["dataset_reads"]["tokens_per_s"] > 0
+    assert "dataset reads" in r.stdout
