@@ -327,3 +327,20 @@ def _our_files(out: Path) -> list[Path]:
 def _log(enabled: bool, msg: str) -> None:
     if enabled:
         print(msg, file=sys.stderr, flush=True)
+
+
+def ensure_data(data_cfg, verbose: bool = True) -> None:
+    """Build the tokenizer and the shards named by a DataConfig from its `corpus` when they are missing
+    (the demo's first run). A complete dataset is left alone."""
+    from llm.data.tokenizer import MODEL_FILE, train_tokenizer
+
+    if not data_cfg.prepare_if_missing:
+        return
+    if not (Path(data_cfg.tokenizer) / MODEL_FILE).is_file():
+        _log(verbose, f"training a tokenizer on {' '.join(data_cfg.corpus)} -> {data_cfg.tokenizer}")
+        train_tokenizer(data_cfg.corpus, data_cfg.tokenizer, vocab_size=data_cfg.tokenizer_vocab_size)
+    for path in data_cfg.paths:
+        if not (Path(path) / MANIFEST).is_file():
+            _log(verbose, f"preparing shards of {' '.join(data_cfg.corpus)} -> {path}")
+            cfg = PrepareConfig(list(data_cfg.corpus), data_cfg.tokenizer, path, val_fraction=data_cfg.val_fraction)
+            prepare(cfg, progress=verbose, verbose=verbose)

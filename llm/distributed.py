@@ -1,0 +1,101 @@
+"""Rank and world from whichever launcher started us, process-group start-up, and the DeepSpeed JSON.
+
+Launchers: a plain `python -m llm.train` (world size 1), `torchrun` and the `deepspeed` launcher (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set), or Slurm's `srun` (SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID; the master is the job's first node, the port derived from the job id).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+
+from llm.config import Config
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first `import deepspeed`
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # plain | torchrun | slurm
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect() -> DistEnv:
+    e = os.environ
+    if "RANK" in e and "WORLD_SIZE" in e:
+        return DistEnv(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)), "torchrun")
+    if "SLURM_PROCID" in e and "SLURM_STEP_ID" in e:  # a task of an srun step (not the batch script)
+        nodes = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST", "localhost")
+        if "MASTER_ADDR" not in e:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True)
+            e["MASTER_ADDR"] = out.stdout.split()[0] if out.returncode == 0 and out.stdout else "127.0.0.1"
+        e.setdefault("MASTER_PORT", str(20000 + int(e.get("SLURM_JOB_ID", "0")) % 20000))
+        return DistEnv(int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"]), int(e.get("SLURM_LOCALID", 0)), "slurm")
+    return DistEnv(0, 1, 0, "plain")
+
+
+def init(env: DistEnv) -> torch.device:
+    """Start the process group (nccl on GPUs, gloo on CPU) through DeepSpeed; return this rank's device."""
+    import deepspeed
+
+    e = os.environ
+    e.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
+    e.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in e:
+        e["MASTER_PORT"] = str(_free_port())
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(env.local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+    return torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
+
+
+def resolve_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON, generated from the schema (saved as <run_dir>/deepspeed.json)."""
+    t, d = cfg.train, cfg.deepspeed
+    precision = resolve_precision(d.precision)
+    zero: dict = {"stage": d.stage}
+    if d.stage >= 1:
+        zero.update(
+            reduce_bucket_size=d.reduce_bucket_size,
+            allgather_bucket_size=d.allgather_bucket_size,
+            overlap_comm=d.overlap_comm,
+        )
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if d.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.global_batch // (t.micro_batch * world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # our torch AdamW also under ZeRO-Offload (no C++ op build)
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }

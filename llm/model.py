@@ -1,0 +1,200 @@
+"""A GPT-style decoder: embeddings -> N x Block(norm, attention, norm, MLP) -> norm -> head.
+
+Options cover GPT-2 (LayerNorm, learned positions, GELU MLP, biases, tied embeddings) and Llama (RMSNorm,
+RoPE, SwiGLU, no biases, grouped-query attention). Attention and norms go through `kernels`, which runs
+the fused Triton kernels on CUDA and the PyTorch references elsewhere. This file holds only the math.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from llm.config import ModelConfig
+
+
+def padded_vocab(cfg: ModelConfig) -> int:
+    return math.ceil(cfg.vocab_size / cfg.pad_vocab_to) * cfg.pad_vocab_to
+
+
+def mlp_hidden(cfg: ModelConfig) -> int:
+    if cfg.mlp_hidden is not None:
+        return cfg.mlp_hidden
+    if cfg.mlp == "gelu":
+        return 4 * cfg.n_embd
+    hidden = int(2 * 4 * cfg.n_embd / 3)  # SwiGLU keeps the parameter count of a 4x GELU MLP (Llama)
+    return cfg.mlp_multiple_of * math.ceil(hidden / cfg.mlp_multiple_of)
+
+
+class Norm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind, self.eps, self.impl = cfg.norm, cfg.norm_eps, cfg.kernels
+        self.weight = nn.Parameter(torch.ones(cfg.n_embd))
+        self.bias = nn.Parameter(torch.zeros(cfg.n_embd)) if cfg.bias and cfg.norm == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rmsnorm":
+            return kernels.rms_norm(x, self.weight, self.eps, impl=self.impl)
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps, impl=self.impl)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_seq_len, head_dim // 2) for rotary position embeddings."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head's channels; x (B, H, T, D), cos/sin (T, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.proj.residual = True  # scaled at init
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.impl = cfg.kernels
+
+    def forward(self, x, doc_ids=None, rope=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = kernels.attention(q, k, v, causal=True, doc_ids=doc_ids, impl=self.impl)  # (B, Hq, T, D)
+        return self.dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = mlp_hidden(cfg)
+        self.swiglu = cfg.mlp == "swiglu"
+        self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias) if self.swiglu else None
+        self.down = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.down.residual = True
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        h = F.silu(self.gate(x)) * self.up(x) if self.swiglu else F.gelu(self.up(x), approximate="tanh")
+        return self.dropout(self.down(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = Norm(cfg), Attention(cfg), Norm(cfg), MLP(cfg)
+
+    def forward(self, x, doc_ids=None, rope=None):
+        x = x + self.attn(self.norm1(x), doc_ids, rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is unset; take it from the tokenizer before building the model")
+        self.cfg = cfg
+        self.vocab = padded_vocab(cfg)
+        self.wte = nn.Embedding(self.vocab, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.n_embd) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = Norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, self.vocab, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False
+        self.apply(self._init)
+
+    def _init(self, module: nn.Module) -> None:
+        """GPT-2 initialisation: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2 n_layer)."""
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if getattr(module, "residual", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, doc_ids=None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size); with targets (B, T), the mean cross-entropy."""
+        B, T = idx.shape
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        x = self.drop(x)
+        rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.cfg.pos == "rope" else None
+        doc_ids = doc_ids if self.cfg.doc_mask else None
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, doc_ids, rope, use_reentrant=False)
+            else:
+                x = block(x, doc_ids, rope)
+        logits = self.lm_head(self.norm_f(x))[..., : self.cfg.vocab_size]  # padding rows are never predicted
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+    def num_params(self) -> int:
+        """Parameters as the model defines them: shared (tied) tensors once, vocabulary padding rows excluded."""
+        total = sum(p.numel() for p in self.parameters())
+        pad_rows = (self.vocab - self.cfg.vocab_size) * self.cfg.n_embd
+        return total - pad_rows * (1 if self.cfg.tie_embeddings else 2)
+
+    def num_matmul_params(self) -> int:
+        """Parameters that do matrix work per token: everything but the embedding lookups (position embeddings,
+        and the token embedding unless it is tied to the head, whose matmul it then performs)."""
+        n = self.num_params()
+        if self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        if not self.cfg.tie_embeddings:
+            n -= self.cfg.vocab_size * self.cfg.n_embd
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6 N + 12 L H Dh T."""
+        c = self.cfg
+        return 6 * self.num_matmul_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * seq_len
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample continuations of idx (B, T); the context is cropped to max_seq_len."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.cfg.max_seq_len :])[:, -1, :] / max(temperature, 1e-5)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(F.softmax(logits.float(), dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx

@@ -1,0 +1,54 @@
+"""AdamW with decay / no-decay parameter groups, a step that can be skipped, and the LR schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llm.config import OptimConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Matrices (linear and embedding weights) decay; biases and norm weights do not."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """torch AdamW whose next step() does nothing when `skip_next` is set: no parameter update, no moment
+    update, no step count. The training loop sets it when any rank saw a non-finite loss; DeepSpeed calls
+    this step() under every ZeRO stage, so the skip is exact whatever the engine does around it."""
+
+    skip_next = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.skip_next:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> SkippableAdamW:
+    return SkippableAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
+    """The learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to
+    min_lr_ratio * lr, or WSD (warmup, stable, linear decay over the last decay_fraction), or constant."""
+    lr, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return lr
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, int(cfg.decay_fraction * max_steps))
+        start = max_steps - decay_steps
+        if step < start:
+            return lr
+        return lr + (floor - lr) * min(1.0, (step - start + 1) / decay_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    return floor + 0.5 * (lr - floor) * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,345 @@
+"""Pretraining: `python -m llm.train [hydra overrides]`, started plainly, by torchrun, by the deepspeed launcher,
+or by srun. DeepSpeed is always the engine (gloo on CPU).
+
+The loop, top to bottom: set the LR, run the micro-batches (forward, backward), step (skipped if any rank
+saw a non-finite loss), log, evaluate, checkpoint (on schedule, or at the next step boundary after
+SIGUSR1/SIGTERM, then exit). Run directory <runs_dir>/<name>: config.yaml, deepspeed.json, metrics.jsonl,
+checkpoints/, wandb/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from llm import distributed as D
+from llm.checkpoint import CheckpointError, Checkpoints
+from llm.config import Config, ConfigError, register, to_config, validate
+from llm.data.corpus import CorpusError
+from llm.data.dataset import BatchLoader, open_windows
+from llm.data.prepare import ensure_data
+from llm.data.shards import ShardError
+from llm.data.tokenizer import Tokenizer, TokenizerError
+from llm.metrics import MetricsLogger, device_peak_flops, new_run_id
+from llm.model import GPT
+from llm.optim import build_optimizer, lr_at
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. repeated non-finite losses); the message says what to do."""
+
+
+class StopSignal:
+    """Remembers SIGUSR1/SIGTERM; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGUSR1, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def all_max(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_mean(value: torch.Tensor) -> float:
+    t = value.detach().float().clone()
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def grad_norm_of(model: torch.nn.Module) -> float:
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return torch.stack(norms).norm().item() if norms else 0.0
+
+
+def to_device(batch, device):
+    return batch.input_ids.to(device), batch.targets.to(device), batch.doc_ids.to(device)
+
+
+@torch.no_grad()
+def evaluate(engine, windows, cfg: Config, env: D.DistEnv, device, eos_id: int) -> float:
+    """Mean loss over the first eval_batches global batches of the val split (the same ones every time)."""
+    per_step = cfg.train.micro_batch * env.world_size
+    loader = BatchLoader(windows, per_step, cfg.train.micro_batch, eos_id, env.rank, env.world_size)
+    n = max(1, min(cfg.train.eval_batches, windows.n // per_step))
+    engine.eval()
+    total = torch.zeros((), device=device)
+    for _ in range(n):
+        total += engine(*to_device(next(loader), device)).float()
+    engine.train()
+    return all_mean(total / n)
+
+
+def sample_text(model: GPT, tok: Tokenizer, n_tokens: int, seed: int, device, prompt: str = "def ") -> str:
+    model.eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.tensor([tok.encode(prompt)], device=device)
+    out = model.generate(ids, n_tokens, generator=g)
+    model.train()
+    return tok.decode(out[0].tolist())
+
+
+def build_model(cfg: Config, tok: Tokenizer) -> GPT:
+    vocab = cfg.model.vocab_size or tok.vocab_size
+    if vocab < tok.vocab_size:
+        raise ConfigError(f"model.vocab_size: {vocab} is smaller than the tokenizer's {tok.vocab_size}")
+    cfg.model = dataclasses.replace(cfg.model, vocab_size=vocab)
+    model = GPT(cfg.model)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    if cfg.train.compile:
+        for block in model.blocks:  # in place: state-dict keys stay those of the plain model
+            block.compile()
+    return model
+
+
+def check_resumable(meta: dict, cfg: Config, tok: Tokenizer, path: Path) -> None:
+    """Refuse, before loading anything, a checkpoint of another model or tokenizer."""
+    if meta["tokenizer_sha256"] != tok.sha256:
+        raise CheckpointError(
+            f"{path} was trained with tokenizer sha256 {meta['tokenizer_sha256']}, this run uses {tok.sha256}; "
+            "resume with the same tokenizer and data, or resume=none"
+        )
+    saved = meta["model"]
+    for key, value in dataclasses.asdict(cfg.model).items():
+        if key not in ("kernels", "dropout") and saved.get(key) != value:
+            raise CheckpointError(
+                f"{path} has model.{key}={saved.get(key)}, this run has {value}; resume with the same model "
+                "or resume=none"
+            )
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) pretraining as configured; return a summary of the run."""
+    env = D.detect()
+    validate(cfg, env.world_size, torch.cuda.is_available())
+    device = D.init(env)
+    t = cfg.train
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    if env.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_data(cfg.data)
+    dist.barrier()
+    tok = Tokenizer.load(cfg.data.tokenizer)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    seed_everything(t.seed)  # the same initial weights on every rank
+    model = build_model(cfg, tok)
+    optimizer = build_optimizer(model, cfg.optim)
+    ds_config = D.deepspeed_config(cfg, env.world_size)
+    if env.rank == 0:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    seed_everything(t.seed + 1000 * env.rank)  # per-rank randomness (dropout) from here on
+
+    seq = cfg.data.seq_len
+    windows = open_windows(cfg.data.paths, "train", seq, t.seed, cfg.data.weights, tokenizer_sha256=tok.sha256)
+    loader = BatchLoader(windows, t.global_batch, t.micro_batch, tok.eos_id, env.rank, env.world_size)
+    try:
+        val_windows = open_windows(cfg.data.paths, "val", seq, t.seed, cfg.data.weights, shuffle=False)
+    except ShardError:
+        val_windows = None  # too little val data for one window: evaluation is skipped (said below)
+
+    ckpts = Checkpoints(run_dir / "checkpoints", t.keep_last, env.rank)
+    start, tokens_seen, skipped, run_id = 0, 0, 0, new_run_id()
+    resume_from = ckpts.resolve(cfg.resume)
+    if resume_from is not None:
+        check_resumable(Checkpoints.meta(resume_from), cfg, tok, resume_from)
+        state = ckpts.load(engine, resume_from, env.world_size, cfg.deepspeed.stage)["llm"]
+        start, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
+        run_id = state["wandb_run_id"]
+        loader.load_state_dict(state["data"])
+        if len(state["rng"]) == env.world_size:
+            set_rng_state(state["rng"][env.rank])
+    log = MetricsLogger(run_dir, cfg.logger, env.rank, run_id, cfg.name, dataclasses.asdict(cfg), t.max_steps, start)
+    if resume_from is not None:
+        log.print(f"resumed from {resume_from} at step {start}")
+    if val_windows is None:
+        log.print("val split too small for one window: evaluation is skipped")
+    peak, peak_source = device_peak_flops(device, t.peak_tflops)
+    flops_per_token = model.flops_per_token(seq)
+    log.print(
+        f"{model.num_params():,} parameters; {flops_per_token / 1e6:.1f} MFLOP/token; peak {peak / 1e12:.2f} "
+        f"TFLOP/s/device ({peak_source}); {env.world_size} rank(s) x {loader.grad_accum} micro-batch(es) of "
+        f"{t.micro_batch} per step; run dir {run_dir}"
+    )
+
+    def save(step: int) -> Path:
+        ranks_rng = [None] * env.world_size
+        dist.all_gather_object(ranks_rng, rng_state())
+        client = {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "skipped_steps": skipped,
+            "data": loader.state_dict(),
+            "rng": ranks_rng,
+            "config": dataclasses.asdict(cfg),
+            "tokenizer_sha256": tok.sha256,
+            "wandb_run_id": run_id,
+            "world_size": env.world_size,
+        }
+        # under one key: DeepSpeed drops client keys that share a name with its own (e.g. skipped_steps)
+        describe = {"model": dataclasses.asdict(cfg.model), "tokenizer_sha256": tok.sha256}
+        return ckpts.save(engine, step, {"llm": client}, env.world_size, cfg.deepspeed.stage, describe)
+
+    stop = StopSignal()
+    bad_streak, last_ckpt_time, stopped_by = 0, time.time(), None
+    interval_t0, interval_tokens = time.time(), 0
+    loss_sum, loss_n = torch.zeros((), device=device), torch.zeros((), device=device)
+    val_loss, done = None, start
+    last_step = min(t.max_steps, start + t.steps_per_run) if t.steps_per_run else t.max_steps
+    try:
+        for step in range(start, last_step):
+            lr = lr_at(step, t.max_steps, cfg.optim)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            logs_now = (step + 1) % cfg.logger.log_every == 0 or step + 1 in (t.max_steps, last_step)
+            nonfinite, grad_norm = torch.zeros((), device=device), None
+            for micro in range(loader.grad_accum):
+                loss = engine(*to_device(next(loader), device))
+                finite = torch.isfinite(loss.detach())
+                nonfinite = torch.maximum(nonfinite, (~finite).float())
+                loss_sum += torch.where(finite, loss.detach().float(), 0.0)
+                loss_n += finite.float()
+                engine.backward(loss)
+                if micro == loader.grad_accum - 1:  # decide the step together, before the optimizer runs
+                    due = t.ckpt_every_minutes > 0 and time.time() - last_ckpt_time >= 60 * t.ckpt_every_minutes
+                    bad, stop_now, due = all_max([nonfinite.item(), stop.received is not None, due], device)
+                    optimizer.skip_next = bad > 0
+                    if cfg.deepspeed.stage == 0 and logs_now:
+                        grad_norm = grad_norm_of(engine.module)  # DeepSpeed reports none without ZeRO
+                engine.step()
+            optimizer.skip_next = False
+            done = step + 1
+            tokens_seen += t.global_batch * seq
+            interval_tokens += t.global_batch * seq
+            log.advance()
+            if bad:
+                skipped, bad_streak = skipped + 1, bad_streak + 1
+                log.print(f"step {done}: non-finite loss on some rank; step skipped ({bad_streak} in a row)")
+                if bad_streak >= t.max_bad_steps:
+                    last = ckpts.resolve("auto")
+                    raise TrainingStopped(
+                        f"{bad_streak} consecutive steps had a non-finite loss (up to step {done}); the last good "
+                        f"checkpoint is {last or 'none (no checkpoint was saved)'}; resume from it with a lower "
+                        "optim.lr or check the data"
+                    )
+            else:
+                bad_streak = 0
+            if logs_now:
+                elapsed = time.time() - interval_t0
+                tps = interval_tokens / elapsed
+                sums = torch.stack([loss_sum, loss_n])
+                dist.all_reduce(sums)
+                metrics = {
+                    "train/loss": (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan"),  # finite losses only
+                    "train/lr": lr,
+                    "train/tokens_seen": tokens_seen,
+                    "train/skipped_steps": skipped,
+                    "perf/tokens_per_s": tps,
+                    "perf/step_time_s": elapsed * t.global_batch * seq / interval_tokens,
+                    "perf/mfu": flops_per_token * tps / (peak * env.world_size) if peak else 0.0,
+                }
+                norm = engine.get_global_grad_norm() if cfg.deepspeed.stage > 0 else grad_norm
+                if norm is not None:
+                    metrics["train/grad_norm"] = float(norm)
+                log.log(done, metrics)
+                interval_t0, interval_tokens = time.time(), 0
+                loss_sum, loss_n = torch.zeros((), device=device), torch.zeros((), device=device)
+            if val_windows is not None and ((t.eval_every and done % t.eval_every == 0) or done == t.max_steps):
+                val_loss = evaluate(engine, val_windows, cfg, env, device, tok.eos_id)
+                log.log(done, {"val/loss": val_loss, "val/ppl": float(np.exp(min(val_loss, 50.0)))})
+            end_of_run = done == last_step
+            if (t.ckpt_every_steps and done % t.ckpt_every_steps == 0) or due or stop_now or end_of_run:
+                path = save(done)
+                last_ckpt_time = time.time()
+                if stop_now:
+                    stopped_by = stop.received or "a signal on another rank"
+                    log.print(f"stopped by {stopped_by} at step {done}; checkpoint saved to {path}")
+                    break
+        sample = None
+        finished = done == t.max_steps
+        if env.rank == 0 and t.sample_tokens and cfg.deepspeed.stage < 3 and finished:
+            sample = sample_text(engine.module, tok, t.sample_tokens, t.seed, device)
+            log.print("sample:\n" + sample)
+    finally:
+        stop.restore()
+        log.close()
+    return {
+        "step": done,
+        "val_loss": val_loss,
+        "tokens_seen": tokens_seen,
+        "skipped_steps": skipped,
+        "stopped_by": stopped_by,
+        "run_dir": str(run_dir),
+        "sample": sample,
+    }
+
+
+def main() -> None:
+    # The deepspeed launcher passes --local_rank=N; Hydra would take it for an override.
+    for arg in [a for a in sys.argv[1:] if a.startswith("--local_rank")]:
+        os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1] if "=" in arg else "0")
+        sys.argv.remove(arg)
+    register()
+    import hydra
+
+    @hydra.main(version_base=None, config_path="../conf", config_name="config")
+    def _run(dcfg) -> None:
+        try:
+            train(to_config(dcfg))
+        except (ConfigError, CheckpointError, ShardError, TokenizerError, CorpusError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except TrainingStopped as e:
+            print(f"stopped: {e}", file=sys.stderr)
+            sys.exit(3)
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The pretraining loop in-process (DeepSpeed on CPU, world size 1): learning, exact resume, checkpoints that
+survive crashes, signals, the non-finite-loss guard, W&B and metrics.jsonl."""
+
+import json
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from deepspeed.runtime.engine import DeepSpeedEngine
+
+import llm.train as train_mod
+from llm.checkpoint import MARKER, CheckpointError, Checkpoints
+from llm.config import Config
+from llm.model import GPT
+from llm.optim import SkippableAdamW, lr_at
+from llm.train import TrainingStopped, train
+
+
+def make_cfg(tmp_path: Path, prepared_dir: Path, tokenizer_dir: Path, name: str = "run", **sections) -> Config:
+    """A small, fast, deterministic run over the fixture dataset; `sections` override fields per section."""
+    cfg = Config(name=name, runs_dir=str(tmp_path / "runs"))
+    cfg.model = replace(cfg.model, n_layer=2, n_head=4, n_embd=32, max_seq_len=64)
+    cfg.data = replace(
+        cfg.data, paths=[str(prepared_dir)], tokenizer=str(tokenizer_dir), seq_len=32, prepare_if_missing=False
+    )
+    cfg.optim = replace(cfg.optim, lr=3e-3, warmup_steps=2)
+    cfg.train = replace(
+        cfg.train,
+        micro_batch=4,
+        global_batch=8,
+        max_steps=8,
+        eval_every=4,
+        eval_batches=2,
+        ckpt_every_steps=4,
+        sample_tokens=0,
+        deterministic=True,
+    )
+    cfg.logger = replace(cfg.logger, wandb=False, log_every=1)
+    for section, values in sections.items():
+        setattr(cfg, section, replace(getattr(cfg, section), **values))
+    return cfg
+
+
+def records(run_dir, key="train/loss") -> dict[int, float]:
+    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in lines if key in r}
+
+
+@pytest.fixture
+def cfg_factory(tmp_path, prepared_dir, tokenizer_dir):
+    return lambda name="run", **sections: make_cfg(tmp_path, prepared_dir, tokenizer_dir, name, **sections)
+
+
+def test_loss_falls_and_the_run_directory_is_complete(cfg_factory):
+    cfg = cfg_factory(train={"max_steps": 30, "eval_every": 10, "sample_tokens": 10}, logger={"log_every": 5})
+    out = train(cfg)
+    run = Path(out["run_dir"])
+    val = records(run, "val/loss")
+    assert list(val) == [10, 20, 30]
+    assert val[30] < val[10] - 0.5 and val[30] < 0.8 * torch.log(torch.tensor(600.0)).item()
+    assert out["step"] == 30 and out["tokens_seen"] == 30 * 8 * 32 and out["sample"]
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "deepspeed.json", "metrics.jsonl", "checkpoints"}
+    assert json.loads((run / "deepspeed.json").read_text())["gradient_accumulation_steps"] == 2
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000030"
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(first) == {
+        "step",
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_seen",
+        "train/skipped_steps",
+        "perf/tokens_per_s",
+        "perf/step_time_s",
+        "perf/mfu",
+    }
+    assert first["step"] == 5 and first["perf/mfu"] > 0 and first["train/grad_norm"] > 0
+    assert records(run, "val/ppl")[30] == pytest.approx(torch.exp(torch.tensor(val[30])).item(), rel=1e-5)
+
+
+def test_resume_is_exact(cfg_factory):
+    whole = train(cfg_factory("whole"))
+    first = train(cfg_factory("split", train={"steps_per_run": 3}))
+    assert first["step"] == 3 and first["stopped_by"] is None
+    second = train(cfg_factory("split"))
+    assert second["step"] == 8
+    a, b = records(whole["run_dir"]), records(second["run_dir"])
+    assert list(a) == list(b) == list(range(1, 9))
+    assert a == b  # bitwise: same floats at every step
+    assert records(whole["run_dir"], "val/loss") == records(second["run_dir"], "val/loss")
+    assert records(whole["run_dir"], "train/lr") == records(second["run_dir"], "train/lr")
+
+
+def test_lr_schedules():
+    from llm.config import OptimConfig
+
+    cos = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10)
+    assert lr_at(0, 100, cos) == pytest.approx(0.1) and lr_at(9, 100, cos) == pytest.approx(1.0)
+    assert lr_at(10, 100, cos) == pytest.approx(1.0) and lr_at(99, 100, cos) == pytest.approx(0.1, abs=1e-3)
+    assert lr_at(55, 100, cos) == pytest.approx(0.55)
+    wsd = replace(cos, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(50, 100, wsd) == 1.0 and lr_at(79, 100, wsd) == 1.0
+    assert lr_at(89, 100, wsd) == pytest.approx(0.55) and lr_at(99, 100, wsd) == pytest.approx(0.1)
+    assert lr_at(70, 100, replace(cos, schedule="constant")) == 1.0
+
+
+def test_skipped_optimizer_step_changes_nothing():
+    model = torch.nn.Linear(4, 4)
+    opt = SkippableAdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    before = [p.clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    model(torch.randn(2, 4)).sum().backward()
+    opt.skip_next = True
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(torch.equal(state[k], v) for k, v in opt.state[model.weight].items())
+    opt.skip_next = False
+    opt.step()
+    assert not torch.equal(before[0], model.weight)
+
+
+def poison_forward(monkeypatch, bad_calls: set[int]):
+    """Make the model's loss NaN on the given forward calls (0-based; two calls per step here)."""
+    original, calls = GPT.forward, [0]
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls[0] += 1
+        return out * float("nan") if calls[0] - 1 in bad_calls and self.training else out
+
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
+def test_a_non_finite_loss_skips_the_step(cfg_factory, monkeypatch):
+    clean = train(cfg_factory("clean", train={"max_steps": 4}))
+    poison_forward(monkeypatch, {4})  # step 3, first micro-batch
+    out = train(cfg_factory("poisoned", train={"max_steps": 4}))
+    assert out["skipped_steps"] == 1 and records(out["run_dir"], "train/skipped_steps")[3] == 1
+    a, b = records(clean["run_dir"]), records(out["run_dir"])
+    assert a[1] == b[1] and a[2] == b[2]
+    assert torch.isfinite(torch.tensor(b[4]))
+
+
+def test_repeated_non_finite_losses_stop_the_run(cfg_factory, monkeypatch):
+    poison_forward(monkeypatch, set(range(6, 100)))  # every forward from step 4 on
+    # skipped steps leave the weights as they were, so the checkpoint at step 4 is still a good one
+    cfg = cfg_factory(train={"max_steps": 20, "ckpt_every_steps": 2, "max_bad_steps": 3})
+    with pytest.raises(
+        TrainingStopped,
+        match=r"3 consecutive steps had a non-finite loss \(up to step 6\); the last good "
+        r"checkpoint is .*step_00000004",
+    ):
+        train(cfg)
+    ckpts = Checkpoints(Path(cfg.runs_dir) / cfg.name / "checkpoints")
+    assert ckpts.resolve("auto").name == "step_00000004"
+    assert [r for s, r in records(Path(cfg.runs_dir) / cfg.name).items() if s >= 4] == [
+        pytest.approx(float("nan"), nan_ok=True)
+    ] * 2
+
+
+def test_a_signal_checkpoints_at_the_next_step_and_exits(cfg_factory, monkeypatch):
+    original = train_mod.lr_at
+
+    def lr_and_signal(step, *args):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(step, *args)
+
+    monkeypatch.setattr(train_mod, "lr_at", lr_and_signal)
+    cfg = cfg_factory(train={"ckpt_every_steps": 0})
+    out = train(cfg)
+    assert out["stopped_by"] == "SIGUSR1" and out["step"] == 3
+    assert (Path(out["run_dir"]) / "checkpoints" / "latest").read_text() == "step_00000003"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
+    monkeypatch.setattr(train_mod, "lr_at", original)
+    assert train(cfg)["step"] == 8
+
+
+def test_a_signal_during_a_save_does_not_interrupt_it(cfg_factory, monkeypatch):
+    original = DeepSpeedEngine.save_checkpoint
+
+    def save_with_signal(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", save_with_signal)
+    out = train(cfg_factory(train={"ckpt_every_steps": 2}))
+    assert out["stopped_by"] == "SIGTERM" and out["step"] == 3  # saved 2 whole, trained 3, saved, exited
+    ckpt = Path(out["run_dir"]) / "checkpoints"
+    assert [p.name for p in sorted(ckpt.glob("step_*"))] == ["step_00000002", "step_00000003"]
+    assert all((p / MARKER).is_file() for p in ckpt.glob("step_*"))
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(cfg_factory, monkeypatch):
+    original, calls = DeepSpeedEngine.save_checkpoint, [0]
+
+    def crashing_save(self, save_dir, tag, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            (Path(save_dir) / tag).mkdir(parents=True)
+            (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+            raise RuntimeError("simulated crash mid-save")
+        return original(self, save_dir, tag, **kwargs)
+
+    monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", crashing_save)
+    cfg = cfg_factory(train={"ckpt_every_steps": 2, "max_steps": 6})
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg)
+    ckpt = Path(cfg.runs_dir) / cfg.name / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step_00000002"
+    assert not (ckpt / "step_00000004" / MARKER).exists()
+    assert Checkpoints(ckpt).resolve("auto").name == "step_00000002"
+    monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", original)
+    out = train(cfg)
+    assert out["step"] == 6 and (ckpt / "step_00000004" / MARKER).is_file()
+    whole = train(cfg_factory("whole", train={"ckpt_every_steps": 2, "max_steps": 6}))
+    assert records(out["run_dir"]) == records(whole["run_dir"])
+
+
+def test_damaged_or_missing_checkpoints(cfg_factory, tmp_path):
+    cfg = cfg_factory(train={"ckpt_every_steps": 2, "max_steps": 6, "keep_last": 2})
+    train(cfg)
+    ckpt = Path(cfg.runs_dir) / cfg.name / "checkpoints"
+    assert [p.name for p in sorted(ckpt.glob("step_*"))] == ["step_00000004", "step_00000006"]  # keep_last
+    model_file = ckpt / "step_00000006" / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    assert Checkpoints(ckpt).resolve("auto").name == "step_00000004"  # the newest intact one
+    with pytest.raises(
+        CheckpointError,
+        match=r"cannot resume: .*step_00000006/mp_rank_00_model_states.pt is 1,000 "
+        r"bytes, expected .* \(truncated\); pick another checkpoint",
+    ):
+        Checkpoints(ckpt).resolve(str(ckpt / "step_00000006"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Checkpoints(ckpt).resolve(str(tmp_path / "nowhere"))
+    resumed = train(replace(cfg, train=replace(cfg.train, max_steps=8)))
+    assert resumed["step"] == 8 and min(records(resumed["run_dir"])) == 1
+
+
+def test_resuming_with_another_model_is_refused(cfg_factory):
+    cfg = cfg_factory(train={"max_steps": 2})
+    train(cfg)
+    other = replace(cfg, model=replace(cfg.model, n_layer=3), train=replace(cfg.train, max_steps=4))
+    with pytest.raises(CheckpointError, match="has model.n_layer=2, this run has 3"):
+        train(other)
+
+
+def test_wandb_offline_files_and_a_resumed_run_keeps_its_id(cfg_factory):
+    cfg = cfg_factory(logger={"wandb": True}, train={"steps_per_run": 4})
+    train(cfg)
+    out = train(cfg)
+    runs = sorted((Path(out["run_dir"]) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    files = [f.name for p in runs for f in p.glob("run-*.wandb")]
+    assert len(files) == 2 and len(set(files)) == 1  # both invocations wrote to the same W&B run id
+    steps = list(records(out["run_dir"]))
+    assert steps == list(range(1, 9))  # metrics.jsonl continues without duplicates
