@@ -11,7 +11,10 @@ incomplete and is never resumed from.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch.distributed as dist
@@ -84,6 +87,7 @@ class Checkpoints:
         for t in done[: max(0, len(done) - self.keep_last)]:
             if t != keep:
                 shutil.rmtree(self.dir / t, ignore_errors=True)
+                shutil.rmtree(self.dir / "universal" / t, ignore_errors=True)
         for t in tags:  # interrupted saves older than the one just completed
             if t < keep and t not in done:
                 shutil.rmtree(self.dir / t, ignore_errors=True)
@@ -113,20 +117,47 @@ class Checkpoints:
     def meta(tag_dir: Path) -> dict:
         return json.loads((tag_dir / MARKER).read_text())
 
+    @staticmethod
+    def needs_universal(tag_dir: Path, world_size: int) -> bool:
+        """Partitioned (ZeRO >= 1) optimizer state saved by another number of ranks must be converted."""
+        meta = Checkpoints.meta(tag_dir)
+        return meta["zero_stage"] > 0 and meta["world_size"] != world_size
+
+    def universal(self, tag_dir: Path) -> Path:
+        """DeepSpeed's universal form of a checkpoint (made once, by rank 0): loadable on any number of ranks.
+        The engine must be created with {"checkpoint": {"load_universal": true}} to load it."""
+        out = self.dir / "universal" / tag_dir.name
+        if self.rank == 0 and not (out / MARKER).is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(tag_dir),
+                "--output_folder",
+                str(out),
+                "--inject_missing_state",
+            ]
+            r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if r.returncode != 0:
+                tail = r.stderr.strip().splitlines()[-1:] or ["no output"]
+                raise CheckpointError(f"converting {tag_dir} to a universal checkpoint failed: {tail[0]}")
+            atomic_write_json(out / MARKER, {"from": str(tag_dir), "files": {}})
+        _barrier()
+        return out
+
     def load(self, engine, tag_dir: Path, world_size: int, zero_stage: int) -> dict:
-        """Load engine state (module, optimizer) and return the client state."""
+        """Load engine state (module, optimizer) and return the client state. A checkpoint from another number
+        of ranks is loaded through its universal form."""
         meta = self.meta(tag_dir)
         if meta["zero_stage"] != zero_stage:
             raise CheckpointError(
                 f"{tag_dir} was saved with ZeRO stage {meta['zero_stage']}, this run uses {zero_stage}; "
                 f"resume with deepspeed.stage={meta['zero_stage']}"
             )
-        if meta["world_size"] != world_size and zero_stage > 0:
-            raise CheckpointError(
-                f"{tag_dir} was saved by {meta['world_size']} ranks with partitioned (ZeRO-{zero_stage}) optimizer "
-                f"state; this run has {world_size} ranks. Resume on {meta['world_size']} ranks"
-            )
-        _, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_lr_scheduler_states=False)
+        source = self.universal(tag_dir) if self.needs_universal(tag_dir, world_size) else tag_dir
+        _, client = engine.load_checkpoint(str(source.parent), tag=source.name, load_lr_scheduler_states=False)
         if client is None:
             raise CheckpointError(f"DeepSpeed could not load {tag_dir}; it may be damaged, pick another checkpoint")
         return client

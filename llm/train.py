@@ -99,10 +99,11 @@ def to_device(batch, device):
 
 @torch.no_grad()
 def evaluate(engine, windows, cfg: Config, env: D.DistEnv, device, eos_id: int) -> float:
-    """Mean loss over the first eval_batches global batches of the val split (the same ones every time)."""
-    per_step = cfg.train.micro_batch * env.world_size
-    loader = BatchLoader(windows, per_step, cfg.train.micro_batch, eos_id, env.rank, env.world_size)
-    n = max(1, min(cfg.train.eval_batches, windows.n // per_step))
+    """Mean loss over the first eval_batches global batches of the val split: the same windows every time,
+    whatever the number of ranks."""
+    t = cfg.train
+    loader = BatchLoader(windows, t.global_batch, t.micro_batch, eos_id, env.rank, env.world_size)
+    n = max(1, min(t.eval_batches, windows.n // t.global_batch)) * loader.grad_accum
     engine.eval()
     total = torch.zeros((), device=device)
     for _ in range(n):
@@ -170,6 +171,12 @@ def train(cfg: Config) -> dict:
     if env.rank == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    ckpts = Checkpoints(run_dir / "checkpoints", t.keep_last, env.rank)
+    resume_from = ckpts.resolve(cfg.resume)
+    if resume_from is not None:
+        check_resumable(Checkpoints.meta(resume_from), cfg, tok, resume_from)
+        if Checkpoints.needs_universal(resume_from, env.world_size):
+            ds_config["checkpoint"] = {"load_universal": True}  # for loading only; saves stay ordinary
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -183,11 +190,8 @@ def train(cfg: Config) -> dict:
     except ShardError:
         val_windows = None  # too little val data for one window: evaluation is skipped (said below)
 
-    ckpts = Checkpoints(run_dir / "checkpoints", t.keep_last, env.rank)
     start, tokens_seen, skipped, run_id = 0, 0, 0, new_run_id()
-    resume_from = ckpts.resolve(cfg.resume)
     if resume_from is not None:
-        check_resumable(Checkpoints.meta(resume_from), cfg, tok, resume_from)
         state = ckpts.load(engine, resume_from, env.world_size, cfg.deepspeed.stage)["llm"]
         start, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
         run_id = state["wandb_run_id"]
@@ -319,26 +323,70 @@ def train(cfg: Config) -> dict:
     }
 
 
-def main() -> None:
-    # The deepspeed launcher passes --local_rank=N; Hydra would take it for an override.
-    for arg in [a for a in sys.argv[1:] if a.startswith("--local_rank")]:
-        os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1] if "=" in arg else "0")
-        sys.argv.remove(arg)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+USAGE = """usage: python -m llm.train [--cfg] [key=value | group=option ...]
+
+Groups: model (tiny gpt2-124m gpt2-350m gpt2-774m llama-1b llama-7b), data, optim (adamw wsd),
+deepspeed (zero0 zero1 zero2 zero3 zero3-offload), logger (wandb-offline wandb-online none),
+experiment (demo gpt2-124m gpt2-350m gpt2-774m llama-1b llama-7b). --cfg prints the resolved config."""
+
+
+def _all_keys(node, prefix="") -> list[str]:
+    out = []
+    for key, value in node.items():
+        out += _all_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return out
+
+
+def load_config(overrides: list[str]) -> Config:
+    """Compose conf/config.yaml with the overrides; a bad override raises ConfigError in one line."""
+    import difflib
+
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     register()
-    import hydra
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base=None):
+            return to_config(compose("config", overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        text = str(e).split("Config search path")[0]
+        first = text.splitlines()[0].strip()
+        options = [line.strip() for line in text.splitlines()[1:] if line.startswith("\t")]
+        cause = str(e.__cause__).splitlines()[0] if e.__cause__ else ""
+        message = " ".join(x for x in (first, cause, f"(options: {', '.join(options)})" if options else "") if x)
+        keys = _all_keys(OmegaConf.to_container(OmegaConf.structured(Config)))
+        bad = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+        close = [
+            m for b in bad if "." in b and b not in keys for m in difflib.get_close_matches(b, keys, n=1, cutoff=0.8)
+        ]
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"bad override: {message}{hint} (`python -m llm.train --cfg` prints every key)") from None
 
-    @hydra.main(version_base=None, config_path="../conf", config_name="config")
-    def _run(dcfg) -> None:
-        try:
-            train(to_config(dcfg))
-        except (ConfigError, CheckpointError, ShardError, TokenizerError, CorpusError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except TrainingStopped as e:
-            print(f"stopped: {e}", file=sys.stderr)
-            sys.exit(3)
 
-    _run()
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    for arg in [a for a in args if a.startswith("--local_rank")]:  # the deepspeed launcher passes --local_rank=N
+        os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1] if "=" in arg else "0")
+        args.remove(arg)
+    if "-h" in args or "--help" in args:
+        print(USAGE)
+        return
+    show = "--cfg" in args
+    args = [a for a in args if a != "--cfg"]
+    try:
+        cfg = load_config(args)
+        if show:
+            print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            return
+        train(cfg)
+    except (ConfigError, CheckpointError, ShardError, TokenizerError, CorpusError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from hydra.errors import ConfigCompositionException
 
 from llm.config import Config, ConfigError, register, to_config, validate
 from llm.distributed import deepspeed_config
+from llm.train import load_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -86,3 +87,17 @@ def test_invalid_values_fail_naming_the_field(overrides, field):
 def test_unknown_or_mistyped_overrides_are_refused(override):
     with pytest.raises(ConfigCompositionException):
         load(override)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.n_layr=3", "Key 'n_layr' not in 'ModelConfig'; did you mean model.n_layer?"),
+        ("deepspeed=zero9", "Could not find 'deepspeed/zero9' (options: zero0, zero1, zero2, zero3, zero3-offload)"),
+        ("model.n_layer=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+    ],
+)
+def test_the_entry_point_explains_a_bad_override_in_one_line(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config([override])
+    assert str(e.value).startswith("bad override: ") and message in str(e.value) and "\n" not in str(e.value)

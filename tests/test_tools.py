@@ -89,3 +89,22 @@ def test_bench_data_smoke(tmp_path):
     assert result["prepare_1_worker"]["tokens_per_s"] > 0 and result["prepare_speedup"] > 0
     assert result["dataset_reads"]["tokens_per_s"] > 0
     assert "dataset reads" in r.stdout
+
+
+@pytest.mark.slow
+def test_bench_train_smoke(tmp_path, prepared_dir, tokenizer_dir):
+    out = tmp_path / "bench.json"
+    r = tool(
+        "bench_train.py",
+        "--smoke",
+        "--out",
+        out,
+        f"data.paths=[{prepared_dir}]",
+        f"data.tokenizer={tokenizer_dir}",
+        "data.prepare_if_missing=false",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["ours_step_s"] > 0 and result["plain_step_s"] > 0 and result["ratio_ours_over_plain"] > 0
+    assert result["ours_mfu"] > 0 and result["peak_source"].startswith("measured")
+    assert "ratio ours/plain" in r.stdout
