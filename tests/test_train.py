@@ -260,3 +260,32 @@ def test_wandb_offline_files_and_a_resumed_run_keeps_its_id(cfg_factory):
     assert len(files) == 2 and len(set(files)) == 1  # both invocations wrote to the same W&B run id
     steps = list(records(out["run_dir"]))
     assert steps == list(range(1, 9))  # metrics.jsonl continues without duplicates
+
+
+def test_activation_checkpointing_gives_the_same_losses(cfg_factory):
+    plain = train(cfg_factory("plain", train={"max_steps": 3}))
+    ac = train(cfg_factory("ac", train={"max_steps": 3, "activation_checkpointing": True}))
+    assert records(plain["run_dir"]) == records(ac["run_dir"])
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_bf16_under_zero_trains(cfg_factory, stage):
+    out = train(
+        cfg_factory(
+            f"bf16-{stage}",
+            deepspeed={"stage": stage, "precision": "bf16"},
+            train={"max_steps": 4, "ckpt_every_minutes": 1e-6, "ckpt_every_steps": 0},
+        )
+    )
+    losses = records(out["run_dir"])
+    assert losses[4] < losses[1] and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    ckpt = Path(out["run_dir"]) / "checkpoints"
+    assert [p.name for p in sorted(ckpt.glob("step_*"))] == ["step_00000002", "step_00000003", "step_00000004"]
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_losses(cfg_factory):
+    plain = train(cfg_factory("plain", train={"max_steps": 2, "deterministic": False}))
+    compiled = train(cfg_factory("compiled", train={"max_steps": 2, "compile": True, "deterministic": False}))
+    a, b = records(plain["run_dir"]), records(compiled["run_dir"])
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
