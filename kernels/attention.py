@@ -98,7 +98,7 @@ if triton is not None:
         Q,  # (B, Hq, T, D)
         K,  # (B, Hkv, T, D)
         V,  # (B, Hkv, T, D)
-        O,  # (B, Hq, T, D)
+        O,  # (B, Hq, T, D)  # noqa: E741
         LSE,  # (B, Hq, T) fp32, base-2 log-sum-exp of the scaled scores
         DOC,  # (B, T) int32 document ids (HAS_DOC)
         qk_scale,  # softmax scale * log2(e)
