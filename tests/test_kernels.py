@@ -1,0 +1,203 @@
+"""The Triton kernels, run by the Triton interpreter on CPU (TRITON_INTERPRET=1, set in conftest.py), against
+float64 references: outputs and every gradient, on odd shapes, in fp32 and fp16 (and bf16 through the labelled
+test-side shim in bf16_shim.py, since the interpreter gets bf16 wrong).
+
+Tolerance: max |kernel - reference| <= TOL[dtype] * max(1, max |reference|), computed from the same
+dtype-rounded inputs. TOL is 4 units of rounding of the dtype (fp16 2^-11, bf16 2^-8), the rounding of P and
+dS to the input dtype before their matmuls being the dominant error; fp32 allows for long fp32 sums. A kernel
+with a wrong mask, scale or formula is off by 1e-1 or more.
+"""
+
+import contextlib
+import logging
+
+import pytest
+import torch
+from bf16_shim import bf16_interpreter
+
+from kernels import attention, attention_ref, layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+from kernels.attention import _attention_op
+
+TOL = {torch.float32: 2e-5, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
+
+
+def assert_close(actual, expected, dtype, what):
+    err = (actual.double() - expected).abs().max().item()
+    bound = TOL[dtype] * max(1.0, expected.abs().max().item())
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} ({dtype})"
+
+
+def dtype_context(dtype):
+    return bf16_interpreter() if dtype == torch.bfloat16 else contextlib.nullcontext()
+
+
+def sorted_docs(B, T, n_docs=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.sort(torch.randint(0, n_docs, (B, T), generator=g), dim=1).values
+
+
+def check_attention(B, Hq, Hkv, T, D, causal, docs, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, T, D, generator=g).to(dtype) for h in (Hq, Hkv, Hkv))
+    do = torch.randn(B, Hq, T, D, generator=g).to(dtype)
+    doc_ids = sorted_docs(B, T, seed=seed) if docs else None
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    with dtype_context(dtype):
+        out = attention(*xs, causal=causal, doc_ids=doc_ids, impl="triton")
+        out.backward(do)
+    refs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = attention_ref(*refs, causal=causal, doc_ids=doc_ids)
+    ref.backward(do.double())
+    assert out.dtype == dtype and out.shape == (B, Hq, T, D)
+    assert_close(out, ref, dtype, "output")
+    for name, x, r in zip(("dq", "dk", "dv"), xs, refs, strict=True):
+        assert_close(x.grad, r.grad, dtype, name)
+
+
+# Odd shapes: every T in (1, 17, 100, 257) with every D in (32, 64, 80, 128), cycling through head grouping
+# (Hq/Hkv = 1, 2, 4), causal or not, document masks or not, and the dtype.
+GROUPS = [(2, 2), (4, 2), (4, 1)]
+CASES = [
+    (T, D, GROUPS[i % 3], i % 2 == 0, i % 4 < 2, (torch.float32, torch.float16)[(i // 2) % 2])
+    for i, (T, D) in enumerate((T, D) for T in (1, 17, 100, 257) for D in (32, 64, 80, 128))
+]
+
+
+@pytest.mark.parametrize("T, D, heads, causal, docs, dtype", CASES)
+def test_attention_matches_float64(T, D, heads, causal, docs, dtype):
+    check_attention(2 if T < 200 else 1, heads[0], heads[1], T, D, causal, docs, dtype)
+
+
+@pytest.mark.parametrize("T, D, causal, docs", [(100, 64, True, True), (257, 80, False, False), (17, 128, True, False)])
+def test_attention_bf16_through_the_shim(T, D, causal, docs):
+    check_attention(1, 4, 2, T, D, causal, docs, torch.bfloat16)
+
+
+@pytest.mark.parametrize("D", [16, 96])
+def test_attention_other_head_dims(D):
+    check_attention(1, 2, 1, 65, D, True, True, torch.float32)
+
+
+def test_interpreter_still_mishandles_bf16():
+    """When this fails, upstream Triton fixed bf16 in the interpreter: delete tests/bf16_shim.py and its uses."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 32, 32, generator=g).to(torch.bfloat16) for _ in range(3))
+    out = attention(q, k, v, impl="triton")
+    assert (out.double() - attention_ref(q.double(), k.double(), v.double())).abs().max() > 0.1
+
+
+def test_fully_masked_tiles_are_skipped():
+    # documents aligned to the interpreter's 64-wide tiles: a tile of another document is never loaded, so
+    # poisoning its keys and values with NaN must not reach any other document's output or gradients
+    T, D = 256, 32
+    doc_ids = torch.tensor([[0] * 64 + [1] * 64 + [2] * 128])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, T, D, generator=g) for _ in range(3))
+    k[:, :, :64], v[:, :, :64] = float("nan"), float("nan")
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    for causal in (True, False):
+        out = attention(*xs, causal=causal, doc_ids=doc_ids, impl="triton")
+        out[:, :, 64:].sum().backward()
+        assert torch.isfinite(out[:, :, 64:]).all() and torch.isfinite(xs[0].grad[:, :, 64:]).all()
+        clean = [t[:, :, 64:].double() for t in (q, k, v)]
+        assert_close(
+            out[:, :, 64:], attention_ref(*clean, causal=causal, doc_ids=doc_ids[:, 64:]), torch.float32, "output"
+        )
+        for x in xs:
+            x.grad = None
+
+
+def test_attention_gradients_are_deterministic():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 100, 64, generator=g) for h in (4, 1, 1))
+    grads = []
+    for _ in range(2):
+        xs = [t.clone().requires_grad_() for t in (q, k, v)]
+        attention(*xs, doc_ids=sorted_docs(1, 100), impl="triton").sum().backward()
+        grads.append([x.grad for x in xs])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+NORM_SHAPES = [(1, 1023), (3, 7, 256), (2, 4097), (2, 16384)]
+
+
+NORM_CASES = [
+    (shape, kind, residual, dtype)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    for shape in (NORM_SHAPES if dtype != torch.bfloat16 else [(2, 4097)])  # bf16 (the shim) on one shape
+    for kind in ("layer", "rms")
+    for residual in (False, True)
+]
+
+
+@pytest.mark.parametrize("shape, kind, residual, dtype", NORM_CASES)
+def test_norms_match_float64(shape, kind, residual, dtype):
+    g = torch.Generator().manual_seed(1)
+    N = shape[-1]
+    x, r, dy, dh = (torch.randn(*shape, generator=g).to(dtype) for _ in range(4))
+    w, b = (1 + 0.1 * torch.randn(N, generator=g)).to(dtype), (0.1 * torch.randn(N, generator=g)).to(dtype)
+    fn, ref_fn = (layer_norm, layer_norm_ref) if kind == "layer" else (rms_norm, rms_norm_ref)
+    extra = (b,) if kind == "layer" else ()
+
+    def run(f, tensors, **kw):
+        out = f(tensors[0], tensors[1], *tensors[2 : 2 + len(extra)], residual=tensors[-1] if residual else None, **kw)
+        y, h = out if residual else (out, None)
+        loss = (y.double() * dy.double()).sum() + ((h.double() * dh.double()).sum() if residual else 0)
+        loss.backward()
+        return y, h
+
+    inputs = [x, w, *extra, r]
+    xs = [t.clone().requires_grad_() for t in inputs]
+    refs = [t.double().requires_grad_() for t in inputs]
+    with dtype_context(dtype):
+        y, h = run(fn, xs, impl="triton")
+    y_ref, h_ref = run(ref_fn, refs)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, y_ref, dtype, "output")
+    if residual:
+        assert_close(h, h_ref, dtype, "residual out")
+    for name, a, e in zip(("dx", "dweight", "dbias", "dresidual"), xs, refs, strict=False):
+        if a.grad is not None and (name != "dresidual" or residual):
+            assert_close(a.grad, e.grad, dtype, name)
+
+
+def test_custom_ops_pass_opcheck():
+    q, k, v = (torch.randn(1, h, 33, 32) for h in (2, 1, 1))
+    torch.library.opcheck(
+        _attention_op, (q, k, v, sorted_docs(1, 33), True, 0.17), test_utils=("test_schema", "test_faketensor")
+    )
+    from kernels.norm import _norm_op
+
+    torch.library.opcheck(
+        _norm_op,
+        (torch.randn(5, 40), torch.randn(40), torch.randn(40), torch.randn(5, 40), 1e-5, False),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def test_kernels_compile_with_torch_compile():
+    def block(x, w, q, k, v):
+        y, h = layer_norm(x, w, residual=x, impl="triton")
+        return y.sum() + h.sum() + attention(q, k, v, impl="triton").sum()
+
+    args = (torch.randn(4, 32), torch.randn(32), *(torch.randn(1, 2, 16, 16) for _ in range(3)))
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(*args), block(*args), atol=1e-5)
+
+
+def test_dispatch_is_explicit_and_logged(caplog):
+    q = torch.randn(1, 2, 8, 256)
+    with pytest.raises(ValueError, match="attention: impl='triton' cannot run: head dim 256 is above 128"):
+        attention(q, q, q, impl="triton")
+    with pytest.raises(ValueError, match="impl must be one of auto, triton, torch"):
+        attention(q, q, q, impl="cuda")
+    with caplog.at_level(logging.INFO, logger="kernels"):
+        import kernels.dispatch
+
+        kernels.dispatch._logged.clear()
+        x = torch.randn(4, 8)
+        for _ in range(3):
+            layer_norm(x, torch.ones(8))  # CPU tensors: "auto" takes the reference
+    assert [r.getMessage() for r in caplog.records] == ["layer_norm: using the torch implementation (impl=auto)"]
+    with pytest.raises(ValueError, match="weight shape"):
+        layer_norm(x, torch.ones(7), impl="triton")
