@@ -98,13 +98,13 @@ if triton is not None:
         Q,  # (B, Hq, T, D)
         K,  # (B, Hkv, T, D)
         V,  # (B, Hkv, T, D)
-        O,  # (B, Hq, T, D)  # noqa: E741
+        O,  # (B, Hq, T, D) contiguous  # noqa: E741
         LSE,  # (B, Hq, T) fp32, base-2 log-sum-exp of the scaled scores
         DOC,  # (B, T) int32 document ids (HAS_DOC)
         qk_scale,  # softmax scale * log2(e)
         stride_qb, stride_qh, stride_qt,
         stride_kb, stride_kh, stride_kt,
-        stride_ob, stride_oh, stride_ot,
+        stride_vb, stride_vh, stride_vt,
         H, GROUP, T, D,
         CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -114,7 +114,7 @@ if triton is not None:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         Kb = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
-        Vb = V + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+        Vb = V + b.to(tl.int64) * stride_vb + (h // GROUP).to(tl.int64) * stride_vh
         q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, rows, stride_qt, T, offs_d, D)
         q_doc, q_lo, q_hi = rows, 0, 0
         if HAS_DOC:
@@ -131,7 +131,7 @@ if triton is not None:
                 visit = (k_hi >= q_lo) & (k_lo <= q_hi)  # some pair may share a document
             if visit:
                 k = _load_rows(Kb, cols, stride_kt, T, offs_d, D)
-                v = _load_rows(Vb, cols, stride_kt, T, offs_d, D)
+                v = _load_rows(Vb, cols, stride_vt, T, offs_d, D)
                 s = _dot(q, tl.trans(k), IEEE) * qk_scale
                 s = tl.where(_allowed(rows, cols, T, q_doc, k_doc, CAUSAL, HAS_DOC), s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -143,9 +143,8 @@ if triton is not None:
                 m_i = m_new
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
-        Ob = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
         tl.store(
-            Ob + rows[:, None] * stride_ot + offs_d[None, :],
+            O + pid_bh.to(tl.int64) * T * D + rows[:, None] * D + offs_d[None, :],
             out.to(O.dtype.element_ty),
             mask=(rows[:, None] < T) & (offs_d[None, :] < D),
         )
@@ -154,13 +153,14 @@ if triton is not None:
     @triton.jit
     def _attn_bwd_dkdv_kernel(
         Q, K, V,  # (B, Hq, T, D), (B, Hkv, T, D), (B, Hkv, T, D)
-        DO,  # (B, Hq, T, D) gradient of the output (strides of Q)
+        DO,  # (B, Hq, T, D) contiguous: gradient of the output
         LSE, DELTA,  # (B, Hq, T) fp32
         DOC,  # (B, T) int32 (HAS_DOC)
-        DK, DV,  # (B, Hkv, T, D) (strides of K)
+        DK, DV,  # (B, Hkv, T, D) contiguous
         qk_scale, sm_scale,
         stride_qb, stride_qh, stride_qt,
         stride_kb, stride_kh, stride_kt,
+        stride_vb, stride_vh, stride_vt,
         HKV, GROUP, T, D,
         CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -169,9 +169,8 @@ if triton is not None:
         b, hk = pid_bh // HKV, pid_bh % HKV
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        kv_off = b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        k = _load_rows(K + kv_off, cols, stride_kt, T, offs_d, D)
-        v = _load_rows(V + kv_off, cols, stride_kt, T, offs_d, D)
+        k = _load_rows(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, cols, stride_kt, T, offs_d, D)
+        v = _load_rows(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh, cols, stride_vt, T, offs_d, D)
         k_doc, k_lo, k_hi = cols, 0, 0
         if HAS_DOC:
             k_doc, k_lo, k_hi = _doc_span(DOC + b * T, cols, T)
@@ -181,7 +180,7 @@ if triton is not None:
         for g in range(GROUP):  # every query head sharing this K/V head: summed here, no atomics
             h = hk * GROUP + g
             q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-            stats = (b * HKV * GROUP + h).to(tl.int64) * T
+            stats = (b * HKV * GROUP + h).to(tl.int64) * T  # row offset of (b, h) in LSE, DELTA; times D in DO
             for start in range(lo, T, BLOCK_M):
                 rows = start + tl.arange(0, BLOCK_M)
                 q_doc, visit = rows, True
@@ -190,7 +189,7 @@ if triton is not None:
                     visit = (k_hi >= q_lo) & (k_lo <= q_hi)
                 if visit:
                     q = _load_rows(Q + q_off, rows, stride_qt, T, offs_d, D)
-                    do = _load_rows(DO + q_off, rows, stride_qt, T, offs_d, D)
+                    do = _load_rows(DO + stats * D, rows, D, T, offs_d, D)
                     lse = tl.load(LSE + stats + rows, mask=rows < T, other=0.0)
                     delta = tl.load(DELTA + stats + rows, mask=rows < T, other=0.0)
                     s = _dot(q, tl.trans(k), IEEE) * qk_scale
@@ -201,19 +200,20 @@ if triton is not None:
                     ds = p * (dp - delta[:, None])
                     dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
         out_mask = (cols[:, None] < T) & (offs_d[None, :] < D)
-        out = cols[:, None] * stride_kt + offs_d[None, :]
-        tl.store(DK + kv_off + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
-        tl.store(DV + kv_off + out, dv.to(DV.dtype.element_ty), mask=out_mask)
+        out = pid_bh.to(tl.int64) * T * D + cols[:, None] * D + offs_d[None, :]
+        tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=out_mask)
 
     @triton.jit
     def _attn_bwd_dq_kernel(
         Q, K, V, DO,  # as in the dK/dV kernel
         LSE, DELTA,  # (B, Hq, T) fp32
         DOC,  # (B, T) int32 (HAS_DOC)
-        DQ,  # (B, Hq, T, D) (strides of Q)
+        DQ,  # (B, Hq, T, D) contiguous
         qk_scale, sm_scale,
         stride_qb, stride_qh, stride_qt,
         stride_kb, stride_kh, stride_kt,
+        stride_vb, stride_vh, stride_vt,
         H, GROUP, T, D,
         CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -222,10 +222,10 @@ if triton is not None:
         b, h = pid_bh // H, pid_bh % H
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        kv_off = b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
-        q = _load_rows(Q + q_off, rows, stride_qt, T, offs_d, D)
-        do = _load_rows(DO + q_off, rows, stride_qt, T, offs_d, D)
+        k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + (h // GROUP).to(tl.int64) * stride_vh
+        q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, rows, stride_qt, T, offs_d, D)
+        do = _load_rows(DO + pid_bh.to(tl.int64) * T * D, rows, D, T, offs_d, D)
         lse = tl.load(LSE + pid_bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
         delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
         q_doc, q_lo, q_hi = rows, 0, 0
@@ -240,15 +240,15 @@ if triton is not None:
                 k_doc, k_lo, k_hi = _doc_span(DOC + b * T, cols, T)
                 visit = (k_hi >= q_lo) & (k_lo <= q_hi)
             if visit:
-                k = _load_rows(K + kv_off, cols, stride_kt, T, offs_d, D)
-                v = _load_rows(V + kv_off, cols, stride_kt, T, offs_d, D)
+                k = _load_rows(k_base, cols, stride_kt, T, offs_d, D)
+                v = _load_rows(v_base, cols, stride_vt, T, offs_d, D)
                 s = _dot(q, tl.trans(k), IEEE) * qk_scale
                 ok = _allowed(rows, cols, T, q_doc, k_doc, CAUSAL, HAS_DOC)
                 p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
                 ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
                 dq += _dot(ds.to(k.dtype), k, IEEE)
         tl.store(
-            DQ + q_off + rows[:, None] * stride_qt + offs_d[None, :],
+            DQ + pid_bh.to(tl.int64) * T * D + rows[:, None] * D + offs_d[None, :],
             (dq * sm_scale).to(DQ.dtype.element_ty),
             mask=(rows[:, None] < T) & (offs_d[None, :] < D),
         )
@@ -282,6 +282,11 @@ def _arch(x: torch.Tensor) -> int | None:
     return 10 * major + minor
 
 
+def _strides(q, k, v) -> list[int]:
+    """Batch, head and time strides of q, k and v (the head dimension is contiguous)."""
+    return [s for t in (q, k, v) for s in t.stride()[:3]]
+
+
 def _doc_arg(doc_ids, q):
     return doc_ids.to(torch.int32).contiguous() if doc_ids is not None else q.new_empty(0, dtype=torch.int32)
 
@@ -289,13 +294,12 @@ def _doc_arg(doc_ids, q):
 def attention_fwd(q, k, v, doc_ids, causal: bool, scale: float):
     """-> (o (B, Hq, T, D), lse (B, Hq, T) fp32 base 2)."""
     B, H, T, D = q.shape
-    o = torch.empty_like(q)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, whatever q's layout
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     bm, bn, warps, stages = config("fwd", D, _arch(q))
     _attn_fwd_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, o, lse, _doc_arg(doc_ids, q), scale * LOG2E,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        o.stride(0), o.stride(1), o.stride(2), H, H // k.shape[1], T, D,
+        *_strides(q, k, v), H, H // k.shape[1], T, D,
         CAUSAL=causal, HAS_DOC=doc_ids is not None, IEEE=q.dtype == torch.float32,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(D), num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -308,7 +312,7 @@ def attention_bwd(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float):
     Hkv = k.shape[1]
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1)  # the preprocess: rowsum(dO * O), (B, Hq, T)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))  # contiguous
     doc, arch, common = (
         _doc_arg(doc_ids, q),
         _arch(q),
@@ -317,13 +321,13 @@ def attention_bwd(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float):
     bm, bn, warps, stages = config("dkdv", D, arch)
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, bn), B * Hkv)](
         q, k, v, do, lse, delta, doc, dk, dv, scale * LOG2E, scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), Hkv, H // Hkv, T, D,
+        *_strides(q, k, v), Hkv, H // Hkv, T, D,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
     )  # fmt: skip
     bm, bn, warps, stages = config("dq", D, arch)
     _attn_bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, do, lse, delta, doc, dq, scale * LOG2E, scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), H, H // Hkv, T, D,
+        *_strides(q, k, v), H, H // Hkv, T, D,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
     )  # fmt: skip
     return dq, dk, dv
@@ -339,7 +343,7 @@ def _attention_op(
 @_attention_op.register_fake
 def _(q, k, v, doc_ids, causal, scale):
     B, H, T, _ = q.shape
-    return torch.empty_like(q), q.new_empty(B, H, T, dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(B, H, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("llm_kernels::attention_bwd", mutates_args=())
@@ -359,7 +363,7 @@ def _attention_bwd_op(
 
 @_attention_bwd_op.register_fake
 def _(do, q, k, v, o, lse, doc_ids, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs, output):

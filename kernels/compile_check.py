@@ -1,0 +1,156 @@
+"""Compile every Triton kernel, in every configuration its launcher can choose, for a GPU target, without a GPU.
+
+    python -m kernels.compile_check [--arch 90] [--arch 80] [--json PATH]
+
+Fails (exit 1) when a configuration needs more shared memory than the target allows (compilation itself does
+not check that; launching would fail), or when a 16-bit attention kernel's PTX has no tensor-core (mma /
+wgmma) instruction. Must run with TRITON_INTERPRET unset: interpreted kernels cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory per block (opt-in maximum): H100/H200, A100
+PTR_TYPES = {
+    "LSE": "*fp32",
+    "DELTA": "*fp32",
+    "Mean": "*fp32",
+    "Rstd": "*fp32",
+    "DW": "*fp32",
+    "DB": "*fp32",
+    "DOC": "*i32",
+}
+FLOATS = {"qk_scale", "sm_scale", "eps"}
+# sizes; every other capitalised argument is a tensor
+INTS = {"_attn": {"H", "HKV", "GROUP", "T", "D"}, "_norm": {"M", "N"}}
+
+
+def _signature(fn, dtype: str, constexprs: dict) -> dict:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in PTR_TYPES:
+            sig[name] = PTR_TYPES[name]
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        elif (
+            name[0].isupper() and name not in INTS[fn.__name__[:5]]
+        ):  # tensors, named in capitals, hold the input dtype
+            sig[name] = f"*{dtype}"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _modules():
+    # import_module: `kernels.attention` the attribute is the function, the module is only in sys.modules
+    return importlib.import_module("kernels.attention"), importlib.import_module("kernels.norm")
+
+
+def jobs(archs: list[int]) -> list[tuple]:
+    """(kernel name, arch, dtype, constexprs, num_warps, num_stages) for every configuration."""
+    A, N = _modules()
+    out = []
+    for arch in archs:
+        for kind, name in (
+            ("fwd", "_attn_fwd_kernel"),
+            ("dkdv", "_attn_bwd_dkdv_kernel"),
+            ("dq", "_attn_bwd_dq_kernel"),
+        ):
+            for dtype in ("bf16", "fp16", "fp32"):
+                for bd in (16, 64, 128):
+                    bm, bn, warps, stages = A.config(kind, bd, arch)
+                    ce = dict(CAUSAL=True, HAS_DOC=True, IEEE=dtype == "fp32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+                    out.append((name, arch, dtype, ce, warps, stages))
+        for dtype, sizes in (("bf16", (1024, 4096, 32768)), ("fp32", (1024, 4096, 16384))):
+            for n in sizes:
+                block, warps = N._block_and_warps(n)
+                out.append(
+                    (
+                        "_norm_fwd_kernel",
+                        arch,
+                        dtype,
+                        dict(IS_RMS=False, HAS_RES=True, HAS_BIAS=True, BLOCK_N=block),
+                        warps,
+                        1,
+                    )
+                )
+                out.append(
+                    (
+                        "_norm_bwd_kernel",
+                        arch,
+                        dtype,
+                        dict(IS_RMS=False, HAS_DH=True, HAS_BIAS=True, BLOCK_N=block),
+                        warps,
+                        1,
+                    )
+                )
+    return out
+
+
+def compile_one(job: tuple) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    A, N = _modules()
+    name, arch, dtype, constexprs, warps, stages = job
+    fn = getattr(A, name, None) or getattr(N, name)
+    src = ASTSource(fn, _signature(fn, dtype, constexprs), constexprs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    ptx = kernel.asm["ptx"]
+    tensor_cores = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else None
+    shared = kernel.metadata.shared
+    problems = []
+    if shared > SMEM_LIMIT[arch]:
+        problems.append(f"needs {shared} bytes of shared memory, sm_{arch} allows {SMEM_LIMIT[arch]}")
+    if name.startswith("_attn") and dtype != "fp32" and tensor_cores is None:
+        problems.append("no tensor-core (mma/wgmma) instruction in the PTX")
+    return {
+        "kernel": name,
+        "arch": arch,
+        "dtype": dtype,
+        "constexprs": constexprs,
+        "num_warps": warps,
+        "num_stages": stages,
+        "shared_bytes": shared,
+        "tensor_cores": tensor_cores,
+        "problems": problems,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, action="append", choices=sorted(SMEM_LIMIT))
+    p.add_argument("--json", help="write every result here")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("error: unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+        return 2
+    todo = jobs(args.arch or [90, 80])
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        results = list(pool.map(compile_one, todo))
+    bad = [r for r in results if r["problems"]]
+    for r in results:
+        flag = "FAIL" if r["problems"] else "ok  "
+        shape = {k: v for k, v in r["constexprs"].items() if k.startswith("BLOCK")}
+        print(
+            f"{flag} sm_{r['arch']} {r['kernel']:<22} {r['dtype']:<5} {shape} warps={r['num_warps']} "
+            f"smem={r['shared_bytes']} tc={r['tensor_cores']} {'; '.join(r['problems'])}"
+        )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    print(f"{len(results) - len(bad)}/{len(results)} configurations compile within their target's limits")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
