@@ -10,6 +10,7 @@ with a wrong mask, scale or formula is off by 1e-1 or more.
 
 import contextlib
 import logging
+import os
 
 import pytest
 import torch
@@ -18,6 +19,9 @@ from bf16_shim import bf16_interpreter
 from kernels import attention, attention_ref, layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 from kernels.attention import _attention_op
 
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter tests (TRITON_INTERPRET=0 runs the GPU tests)"
+)
 TOL = {torch.float32: 2e-5, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
 
 

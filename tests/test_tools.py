@@ -108,3 +108,15 @@ def test_bench_train_smoke(tmp_path, prepared_dir, tokenizer_dir):
     assert result["ours_step_s"] > 0 and result["plain_step_s"] > 0 and result["ratio_ours_over_plain"] > 0
     assert result["ours_mfu"] > 0 and result["peak_source"].startswith("measured")
     assert "ratio ours/plain" in r.stdout
+
+
+@pytest.mark.slow
+def test_bench_kernels_smoke(tmp_path):
+    r = tool("bench_kernels.py", "--smoke", "--out-dir", tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    impls = {(row["op"], row["impl"]) for row in result["rows"]}
+    assert {("attention", "ours"), ("attention", "sdpa_math"), ("layer_norm", "ours"), ("rms_norm", "torch")} <= impls
+    assert all(row["ms"] > 0 and row["fraction_of_ceiling"] > 0 for row in result["rows"])
+    assert result["ceilings"]["matmul_tflops"] > 0 and result["ceilings"]["copy_gbs"] > 0
+    assert {"results.csv", "attention_d32.png", "norms.png"} <= {p.name for p in tmp_path.iterdir()}

@@ -1,0 +1,64 @@
+"""The kernel correctness tests at real sizes on a GPU (marker `gpu`): compiled kernels, bf16 and fp16, against
+float64 references computed on the GPU. Run them apart from the interpreted suite, since kernels are compiled
+or interpreted for the whole process: `TRITON_INTERPRET=0 pytest -m gpu` (tools/gpu_check.sh does)."""
+
+import os
+
+import pytest
+import torch
+from test_kernels import TOL, assert_close, sorted_docs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs compiled kernels: TRITON_INTERPRET=0"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "T, D, Hq, Hkv, causal, docs",
+    [
+        (2048, 128, 16, 4, True, True),
+        (4096, 64, 8, 8, True, False),
+        (1000, 80, 4, 1, False, True),
+        (1, 128, 4, 2, True, False),
+    ],
+)
+def test_attention_on_gpu(dtype, T, D, Hq, Hkv, causal, docs):
+    from kernels import attention, attention_ref
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, h, T, D, device="cuda", generator=g).to(dtype) for h in (Hq, Hkv, Hkv))
+    do = torch.randn(2, Hq, T, D, device="cuda", generator=g).to(dtype)
+    doc_ids = sorted_docs(2, T).cuda() if docs else None
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*xs, causal=causal, doc_ids=doc_ids, impl="triton")
+    out.backward(do)
+    refs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = attention_ref(*refs, causal=causal, doc_ids=doc_ids)
+    ref.backward(do.double())
+    assert_close(out, ref, dtype, "output")
+    for name, x, r in zip(("dq", "dk", "dv"), xs, refs, strict=True):
+        assert_close(x.grad, r.grad, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("N", [4096, 16384])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_norms_on_gpu(dtype, N, kind):
+    from kernels import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, r, dy, dh = (torch.randn(4096, N, device="cuda", generator=g).to(dtype) for _ in range(4))
+    w = (1 + 0.1 * torch.randn(N, device="cuda", generator=g)).to(dtype)
+    fn, ref_fn = (layer_norm, layer_norm_ref) if kind == "layer" else (rms_norm, rms_norm_ref)
+    xs = [t.clone().requires_grad_() for t in (x, w, r)]
+    refs = [t.double().requires_grad_() for t in (x, w, r)]
+    for f, args, kw in ((fn, xs, {"impl": "triton"}), (ref_fn, refs, {})):
+        y, h = f(args[0], args[1], residual=args[2], **kw)
+        ((y.double() * dy.double()).sum() + (h.double() * dh.double()).sum()).backward()
+        args.append((y, h))
+    assert_close(xs[3][0], refs[3][0], dtype, "output")
+    for name, a, e in zip(("dx", "dweight", "dresidual"), xs[:3], refs[:3], strict=True):
+        assert_close(a.grad, e.grad, dtype, name)
+    assert TOL[dtype] > 0

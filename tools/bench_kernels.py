@@ -1,0 +1,281 @@
+"""Micro-benchmarks of the fused kernels against PyTorch, each as a fraction of a ceiling measured in the same run.
+
+    python tools/bench_kernels.py                       # on a GPU: the full sweep
+    python tools/bench_kernels.py --smoke               # tiny shapes; on CPU through the Triton interpreter
+
+Attention: forward, backward and forward+backward TFLOP/s for T = 512..16k (B x T = 16k tokens, H x D = 2048),
+head dims 64 and 128, causal and not; ours against torch SDPA with each backend it has (flash, efficient,
+cuDNN, math) and flash-attn if importable. FLOPs: 4 B H T^2 D forward, 2.5x that backward, halved when causal
+(the FlashAttention convention). Ceiling: a large bf16 matmul's TFLOP/s.
+Norms: forward and backward GB/s (x and y, plus dy and dx, counted once) for hidden sizes 1k..16k, ours
+against torch eager and torch.compile. Ceiling: a large device-to-device copy's GB/s (read + write).
+Writes results.json, results.csv and plots (PNG) to --out-dir, and prints a table.
+"""
+
+# ruff: noqa: B023  (the lambdas below are timed at once, inside their loop iteration)
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA = torch.cuda.is_available()
+
+
+def timed(fn, reps: int) -> float:
+    """Median seconds of fn() over reps runs after a warm-up (CUDA events on a GPU)."""
+    fn()
+    if CUDA:
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def ceilings(device, dtype, smoke: bool) -> dict:
+    n = 256 if smoke else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    matmul = 2 * n**3 / timed(lambda: a @ b, 5 if smoke else 20)
+    src = torch.empty(2**20 if smoke else 2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() / timed(lambda: dst.copy_(src), 5 if smoke else 20)
+    return {"matmul_tflops": matmul / 1e12, "copy_gbs": copy / 1e9}
+
+
+def attention_impls(kernels) -> dict:
+    impls = {"ours": lambda q, k, v, causal: kernels.attention(q, k, v, causal=causal, impl="triton")}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"sdpa_math": SDPBackend.MATH}
+    if CUDA:
+        backends.update(
+            sdpa_flash=SDPBackend.FLASH_ATTENTION,
+            sdpa_efficient=SDPBackend.EFFICIENT_ATTENTION,
+            sdpa_cudnn=SDPBackend.CUDNN_ATTENTION,
+        )
+
+    def sdpa(backend):
+        def run(q, k, v, causal):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        return run
+
+    impls.update({name: sdpa(b) for name, b in backends.items()})
+    try:
+        from flash_attn import flash_attn_func
+
+        impls["flash_attn"] = lambda q, k, v, causal: flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal
+        ).transpose(1, 2)
+    except ImportError:
+        pass
+    return impls
+
+
+def bench_attention(kernels, device, dtype, smoke: bool, ceil: dict, reps: int) -> list[dict]:
+    rows = []
+    seqs = [64, 128] if smoke else [512, 1024, 2048, 4096, 8192, 16384]
+    dims = [32] if smoke else [64, 128]
+    tokens, width = (256, 64) if smoke else (16384, 2048)
+    for name, fn in attention_impls(kernels).items():
+        for D in dims:
+            for T in seqs:
+                for causal in (True, False):
+                    B, H = max(1, tokens // T), width // D
+                    q, k, v = (
+                        torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
+                    )
+                    fwd_flops = 4 * B * H * T * T * D * (0.5 if causal else 1.0)
+                    try:
+                        out = fn(q, k, v, causal)
+                        do = torch.randn_like(out)
+                        t_fwd = timed(lambda: fn(q, k, v, causal), reps)
+                        t_all = timed(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do), reps)
+                    except RuntimeError as e:  # a backend that does not take this shape or dtype
+                        print(f"skip {name} T={T} D={D} causal={causal}: {str(e).splitlines()[0][:80]}")
+                        continue
+                    t_bwd = max(t_all - t_fwd, 1e-9)
+                    for pass_, seconds, flops in (
+                        ("fwd", t_fwd, fwd_flops),
+                        ("bwd", t_bwd, 2.5 * fwd_flops),
+                        ("fwd+bwd", t_all, 3.5 * fwd_flops),
+                    ):
+                        tflops = flops / seconds / 1e12
+                        rows.append(
+                            {
+                                "op": "attention",
+                                "impl": name,
+                                "T": T,
+                                "D": D,
+                                "causal": causal,
+                                "pass": pass_,
+                                "ms": seconds * 1e3,
+                                "tflops": tflops,
+                                "fraction_of_ceiling": tflops / ceil["matmul_tflops"],
+                            }
+                        )
+    return rows
+
+
+def bench_norms(kernels, device, dtype, smoke: bool, ceil: dict, reps: int) -> list[dict]:
+    rows = []
+    sizes = [256, 1000] if smoke else [1024, 2048, 4096, 8192, 16384]
+    tokens = 64 if smoke else 16384
+    for op in ("layer_norm", "rms_norm"):
+        ours = getattr(kernels, op)
+        ref = getattr(kernels, f"{op}_ref")
+        impls = {"ours": lambda x, w, f=ours: f(x, w, impl="triton"), "torch": ref}
+        if CUDA:
+            impls["torch_compile"] = torch.compile(ref)
+        for name, fn in impls.items():
+            for N in sizes:
+                x = torch.randn(tokens, N, device=device, dtype=dtype, requires_grad=True)
+                w = torch.ones(N, device=device, dtype=dtype, requires_grad=True)
+                dy = torch.randn_like(x)
+                t_fwd = timed(lambda: fn(x, w), reps)
+                t_all = timed(lambda: torch.autograd.grad(fn(x, w), (x, w), dy), reps)
+                nbytes = x.numel() * x.element_size()
+                for pass_, seconds, moved in (
+                    ("fwd", t_fwd, 2 * nbytes),
+                    ("bwd", max(t_all - t_fwd, 1e-9), 3 * nbytes),
+                    ("fwd+bwd", t_all, 5 * nbytes),
+                ):
+                    gbs = moved / seconds / 1e9
+                    rows.append(
+                        {
+                            "op": op,
+                            "impl": name,
+                            "N": N,
+                            "pass": pass_,
+                            "ms": seconds * 1e3,
+                            "gbs": gbs,
+                            "fraction_of_ceiling": gbs / ceil["copy_gbs"],
+                        }
+                    )
+    return rows
+
+
+def plot(rows: list[dict], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    attn = [r for r in rows if r["op"] == "attention" and r["pass"] == "fwd+bwd"]
+    for D in sorted({r["D"] for r in attn}):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, causal in zip(axes, (True, False), strict=True):
+            for impl in sorted({r["impl"] for r in attn}):
+                pts = sorted(
+                    (r["T"], r["tflops"]) for r in attn if r["impl"] == impl and r["D"] == D and r["causal"] == causal
+                )
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
+            ax.set(
+                xscale="log",
+                xlabel="sequence length T",
+                ylabel="TFLOP/s (fwd+bwd)",
+                title=f"attention D={D} {'causal' if causal else 'full'}",
+            )
+            ax.legend()
+        path = out_dir / f"attention_d{D}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path.name)
+    norms = [r for r in rows if r["op"] != "attention" and r["pass"] == "fwd+bwd"]
+    if norms:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, op in zip(axes, ("layer_norm", "rms_norm"), strict=True):
+            for impl in sorted({r["impl"] for r in norms}):
+                pts = sorted((r["N"], r["gbs"]) for r in norms if r["impl"] == impl and r["op"] == op)
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
+            ax.set(xscale="log", xlabel="hidden size N", ylabel="GB/s (fwd+bwd)", title=op)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "norms.png", dpi=100)
+        plt.close(fig)
+        written.append("norms.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes; without a GPU, through the Triton interpreter")
+    p.add_argument("--out-dir", default=None, help="default tools/results/kernels_<device>")
+    p.add_argument("--reps", type=int, default=None)
+    args = p.parse_args(argv)
+    if not CUDA:
+        if not args.smoke:
+            print("error: no CUDA device; the full benchmark needs a GPU (use --smoke on CPU)", file=sys.stderr)
+            return 2
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
+    import kernels
+
+    device = torch.device("cuda" if CUDA else "cpu")
+    dtype = torch.bfloat16 if CUDA else torch.float32  # the interpreter mishandles bf16
+    reps = args.reps or (2 if args.smoke else 20)
+    name = torch.cuda.get_device_name() if CUDA else "cpu"
+    out_dir = Path(args.out_dir or ROOT / "tools/results" / f"kernels_{name.replace(' ', '_')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ceil = ceilings(device, dtype, args.smoke)
+    rows = bench_attention(kernels, device, dtype, args.smoke, ceil, reps)
+    rows += bench_norms(kernels, device, dtype, args.smoke, ceil, reps)
+
+    print(
+        f"device {name}, {dtype}; ceilings: matmul {ceil['matmul_tflops']:.2f} TFLOP/s, "
+        f"copy {ceil['copy_gbs']:.1f} GB/s"
+    )
+    print(f"{'op':<11}{'impl':<15}{'shape':<22}{'pass':<9}{'ms':>9}{'rate':>12}{'of ceiling':>12}")
+    for r in rows:
+        shape = f"T={r['T']} D={r['D']} {'c' if r['causal'] else 'f'}" if r["op"] == "attention" else f"N={r['N']}"
+        rate = f"{r['tflops']:.2f} TF/s" if "tflops" in r else f"{r['gbs']:.1f} GB/s"
+        print(
+            f"{r['op']:<11}{r['impl']:<15}{shape:<22}{r['pass']:<9}{r['ms']:>9.3f}{rate:>12}"
+            f"{100 * r['fraction_of_ceiling']:>11.1f}%"
+        )
+    meta = {
+        "device": name,
+        "dtype": str(dtype),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "ceilings": ceil,
+        "smoke": args.smoke,
+    }
+    (out_dir / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    fields = sorted({k for r in rows for k in r})
+    with open(out_dir / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    pngs = plot(rows, out_dir)
+    print(f"wrote {out_dir}/results.json, results.csv, {', '.join(pngs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
