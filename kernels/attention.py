@@ -70,6 +70,11 @@ if triton is not None:
         return tl.dot(a, b)
 
     @triton.jit
+    def _head(X, b, h, stride_b, stride_h):
+        """Pointer to the (T, D) matrix of batch b, head h (int64 offsets: large tensors pass 2**31 elements)."""
+        return X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+    @triton.jit
     def _load_rows(ptr, rows, stride_t, T, offs_d, D):
         """A (len(rows), BLOCK_D) tile of a (T, D) matrix, zero outside it."""
         mask = (rows[:, None] < T) & (offs_d[None, :] < D)
@@ -113,9 +118,9 @@ if triton is not None:
         b, h = pid_bh // H, pid_bh % H
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        Kb = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
-        Vb = V + b.to(tl.int64) * stride_vb + (h // GROUP).to(tl.int64) * stride_vh
-        q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, rows, stride_qt, T, offs_d, D)
+        Kb = _head(K, b, h // GROUP, stride_kb, stride_kh)
+        Vb = _head(V, b, h // GROUP, stride_vb, stride_vh)
+        q = _load_rows(_head(Q, b, h, stride_qb, stride_qh), rows, stride_qt, T, offs_d, D)
         q_doc, q_lo, q_hi = rows, 0, 0
         if HAS_DOC:
             q_doc, q_lo, q_hi = _doc_span(DOC + b * T, rows, T)
@@ -169,8 +174,8 @@ if triton is not None:
         b, hk = pid_bh // HKV, pid_bh % HKV
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        k = _load_rows(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, cols, stride_kt, T, offs_d, D)
-        v = _load_rows(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh, cols, stride_vt, T, offs_d, D)
+        k = _load_rows(_head(K, b, hk, stride_kb, stride_kh), cols, stride_kt, T, offs_d, D)
+        v = _load_rows(_head(V, b, hk, stride_vb, stride_vh), cols, stride_vt, T, offs_d, D)
         k_doc, k_lo, k_hi = cols, 0, 0
         if HAS_DOC:
             k_doc, k_lo, k_hi = _doc_span(DOC + b * T, cols, T)
@@ -179,7 +184,7 @@ if triton is not None:
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0  # earlier queries cannot see these keys
         for g in range(GROUP):  # every query head sharing this K/V head: summed here, no atomics
             h = hk * GROUP + g
-            q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+            Qh = _head(Q, b, h, stride_qb, stride_qh)
             stats = (b * HKV * GROUP + h).to(tl.int64) * T  # row offset of (b, h) in LSE, DELTA; times D in DO
             for start in range(lo, T, BLOCK_M):
                 rows = start + tl.arange(0, BLOCK_M)
@@ -188,7 +193,7 @@ if triton is not None:
                     q_doc, q_lo, q_hi = _doc_span(DOC + b * T, rows, T)
                     visit = (k_hi >= q_lo) & (k_lo <= q_hi)
                 if visit:
-                    q = _load_rows(Q + q_off, rows, stride_qt, T, offs_d, D)
+                    q = _load_rows(Qh, rows, stride_qt, T, offs_d, D)
                     do = _load_rows(DO + stats * D, rows, D, T, offs_d, D)
                     lse = tl.load(LSE + stats + rows, mask=rows < T, other=0.0)
                     delta = tl.load(DELTA + stats + rows, mask=rows < T, other=0.0)
@@ -222,9 +227,9 @@ if triton is not None:
         b, h = pid_bh // H, pid_bh % H
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
-        v_base = V + b.to(tl.int64) * stride_vb + (h // GROUP).to(tl.int64) * stride_vh
-        q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, rows, stride_qt, T, offs_d, D)
+        k_base = _head(K, b, h // GROUP, stride_kb, stride_kh)
+        v_base = _head(V, b, h // GROUP, stride_vb, stride_vh)
+        q = _load_rows(_head(Q, b, h, stride_qb, stride_qh), rows, stride_qt, T, offs_d, D)
         do = _load_rows(DO + pid_bh.to(tl.int64) * T * D, rows, D, T, offs_d, D)
         lse = tl.load(LSE + pid_bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
         delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)

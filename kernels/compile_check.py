@@ -95,6 +95,38 @@ def jobs(archs: list[int]) -> list[tuple]:
     return out
 
 
+def _ptxas_report(ptx: str, arch: int) -> tuple[int | None, int | None, bool]:
+    """(registers per thread, spill bytes, wgmma serialized) from Triton's bundled ptxas -v; Nones if unavailable.
+    Compilation metadata lacks these: they are known only once loaded on a device."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    target = re.search(r"\.target\s+(sm_\w+)", ptx)
+    try:
+        ptxas = get_ptxas(arch).path
+    except Exception:  # noqa: BLE001 - the report is optional
+        return None, None, False
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
+        fh.write(ptx)
+        fh.flush()
+        r = subprocess.run(
+            [ptxas, "-v", f"--gpu-name={target.group(1) if target else f'sm_{arch}'}", fh.name, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+        )
+    text = r.stdout + r.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
+    return (
+        int(regs.group(1)) if regs else None,
+        max(spills) if spills else None,
+        "C7512" in text or "wgmma serialized" in text,
+    )
+
+
 def compile_one(job: tuple) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -106,6 +138,7 @@ def compile_one(job: tuple) -> dict:
     src = ASTSource(fn, _signature(fn, dtype, constexprs), constexprs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
     ptx = kernel.asm["ptx"]
+    registers, spills, serialized = _ptxas_report(ptx, arch)
     tensor_cores = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else None
     shared = kernel.metadata.shared
     problems = []
@@ -141,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         flag = "FAIL" if r["problems"] else "ok  "
         shape = {k: v for k, v in r["constexprs"].items() if k.startswith("BLOCK")}
+        note = " WGMMA-SERIALIZED" if r["wgmma_serialized"] else ""
         print(
             f"{flag} sm_{r['arch']} {r['kernel']:<22} {r['dtype']:<5} {shape} warps={r['num_warps']} "
-            f"smem={r['shared_bytes']} tc={r['tensor_cores']} {'; '.join(r['problems'])}"
+            f"smem={r['shared_bytes']} tc={r['tensor_cores']} regs={r['registers']} spill={r['spill_bytes']}"
+            f"{note} {'; '.join(r['problems'])}"
         )
     if args.json:
         with open(args.json, "w") as fh:

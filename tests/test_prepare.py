@@ -13,9 +13,10 @@ from llm.data.shards import ShardError, dtype_for_vocab, open_split, read_manife
 from llm.data.tokenizer import Tokenizer, train_tokenizer
 
 
-def run(corpus, tok, out, **kw):
+def run(corpus, tok, out, on_checkpoint=None, **kw):
     kw = {"val_fraction": 0.1, "workers": 1, "shard_tokens": 3000, "chunk_bytes": 4096, **kw}
-    return prepare(PrepareConfig([str(c) for c in corpus], str(tok), str(out), **kw), progress=False, verbose=False)
+    cfg = PrepareConfig([str(c) for c in corpus], str(tok), str(out), **kw)
+    return prepare(cfg, progress=False, verbose=False, on_checkpoint=on_checkpoint)
 
 
 def expected_streams(corpus, tok_dir, val_fraction):
@@ -115,20 +116,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, corpus_
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        prepare(
-            PrepareConfig(
-                [str(corpus_dir)],
-                str(tokenizer_dir),
-                str(out),
-                val_fraction=0.1,
-                workers=2,
-                shard_tokens=3000,
-                chunk_bytes=4096,
-            ),
-            progress=False,
-            verbose=False,
-            on_checkpoint=stop_after_second,
-        )
+        run([corpus_dir], tokenizer_dir, out, on_checkpoint=stop_after_second, workers=2)
     assert not (out / "manifest.json").exists()
     with pytest.raises(ShardError, match="interrupted preparation: rerun the same prepare_data.py command"):
         open_split(out, "train")
@@ -147,20 +135,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, corpus_
 def test_resume_with_other_arguments_is_refused(tmp_path, corpus_dir, tokenizer_dir):
     out = tmp_path / "out"
     with pytest.raises(Interrupt):
-        prepare(
-            PrepareConfig(
-                [str(corpus_dir)],
-                str(tokenizer_dir),
-                str(out),
-                val_fraction=0.1,
-                workers=1,
-                shard_tokens=3000,
-                chunk_bytes=4096,
-            ),
-            progress=False,
-            verbose=False,
-            on_checkpoint=lambda n: (_ for _ in ()).throw(Interrupt()),
-        )
+        run([corpus_dir], tokenizer_dir, out, on_checkpoint=lambda n: (_ for _ in ()).throw(Interrupt()))
     with pytest.raises(ShardError, match="interrupted preparation with different val_fraction; rerun with the same"):
         run([corpus_dir], tokenizer_dir, out, val_fraction=0.2)
 
