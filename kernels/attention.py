@@ -260,11 +260,14 @@ if triton is not None:
 
 
 # Block sizes and warps: (BLOCK_M, BLOCK_N, num_warps, num_stages) by pass, GPU generation and head-dim bucket.
-# Every entry fits its target's shared memory (checked by tests/test_kernel_compile.py for sm_80 and sm_90).
+# Chosen, for bf16/fp16, among candidates that fit shared memory, for no register spills in ptxas -v (one small
+# spill left: sm_80 forward at D=128, 8 bytes; dK/dV at D=64 on sm_80 spills ~256 bytes in every candidate
+# tried) and tensor-core use (wgmma needs BLOCK_M >= 64 on sm_90). Not yet timed on a GPU.
+# `python -m kernels.compile_check` prints shared memory, registers and spills for every entry.
 CONFIGS = {
-    "fwd": {90: {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)}, 80: {64: (128, 64, 4, 3), 128: (128, 32, 4, 2)}},
-    "dkdv": {90: {64: (64, 64, 4, 2), 128: (32, 64, 4, 2)}, 80: {64: (64, 64, 4, 2), 128: (32, 64, 4, 1)}},
-    "dq": {90: {64: (64, 64, 4, 2), 128: (64, 32, 4, 2)}, 80: {64: (64, 64, 4, 2), 128: (64, 32, 4, 1)}},
+    "fwd": {90: {64: (128, 64, 4, 3), 128: (128, 32, 8, 3)}, 80: {64: (128, 64, 8, 3), 128: (128, 32, 8, 3)}},
+    "dkdv": {90: {64: (64, 64, 4, 2), 128: (32, 64, 8, 2)}, 80: {64: (32, 64, 4, 2), 128: (64, 64, 8, 2)}},
+    "dq": {90: {64: (64, 64, 4, 2), 128: (64, 32, 8, 2)}, 80: {64: (64, 64, 4, 2), 128: (64, 64, 8, 2)}},
 }
 INTERPRET_BLOCK = 64  # the interpreter pays per program and per loop step, not per tile size
 

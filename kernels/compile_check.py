@@ -155,6 +155,9 @@ def compile_one(job: tuple) -> dict:
         "num_stages": stages,
         "shared_bytes": shared,
         "tensor_cores": tensor_cores,
+        "registers": registers,
+        "spill_bytes": spills,
+        "wgmma_serialized": serialized,
         "problems": problems,
     }
 
