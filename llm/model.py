@@ -37,10 +37,11 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(cfg.n_embd))
         self.bias = nn.Parameter(torch.zeros(cfg.n_embd)) if cfg.bias and cfg.norm == "layernorm" else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x), or with `residual` the fused pair (norm(x + residual), x + residual)."""
         if self.kind == "rmsnorm":
-            return kernels.rms_norm(x, self.weight, self.eps, impl=self.impl)
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps, impl=self.impl)
+            return kernels.rms_norm(x, self.weight, self.eps, residual=residual, impl=self.impl)
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, impl=self.impl)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,13 +100,18 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm block. The residual stream travels beside the branch outputs so that each norm also does the
+    preceding residual add in one fused pass: (x, res) -> (mlp output, res + attn output); the caller adds the
+    last branch output into the stream at the next norm."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm1, self.attn, self.norm2, self.mlp = Norm(cfg), Attention(cfg), Norm(cfg), MLP(cfg)
 
-    def forward(self, x, doc_ids=None, rope=None):
-        x = x + self.attn(self.norm1(x), doc_ids, rope)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, residual=None, doc_ids=None, rope=None):
+        h, residual = (self.norm1(x), x) if residual is None else self.norm1(x, residual)  # res = x + res
+        h, residual = self.norm2(self.attn(h, doc_ids, rope), residual)
+        return self.mlp(h), residual
 
 
 class GPT(nn.Module):
@@ -149,12 +155,14 @@ class GPT(nn.Module):
         x = self.drop(x)
         rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.cfg.pos == "rope" else None
         doc_ids = doc_ids if self.cfg.doc_mask else None
+        residual = None
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, doc_ids, rope, use_reentrant=False)
+                x, residual = torch.utils.checkpoint.checkpoint(block, x, residual, doc_ids, rope, use_reentrant=False)
             else:
-                x = block(x, doc_ids, rope)
-        logits = self.lm_head(self.norm_f(x))[..., : self.cfg.vocab_size]  # padding rows are never predicted
+                x, residual = block(x, residual, doc_ids, rope)
+        h = self.norm_f(x) if residual is None else self.norm_f(x, residual)[0]
+        logits = self.lm_head(h)[..., : self.cfg.vocab_size]  # padding rows are never predicted
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
