@@ -72,26 +72,11 @@ def jobs(archs: list[int]) -> list[tuple]:
         for dtype, sizes in (("bf16", (1024, 4096, 32768)), ("fp32", (1024, 4096, 16384))):
             for n in sizes:
                 block, warps = N._block_and_warps(n)
-                out.append(
-                    (
-                        "_norm_fwd_kernel",
-                        arch,
-                        dtype,
-                        dict(IS_RMS=False, HAS_RES=True, HAS_BIAS=True, BLOCK_N=block),
-                        warps,
-                        1,
-                    )
-                )
-                out.append(
-                    (
-                        "_norm_bwd_kernel",
-                        arch,
-                        dtype,
-                        dict(IS_RMS=False, HAS_DH=True, HAS_BIAS=True, BLOCK_N=block),
-                        warps,
-                        1,
-                    )
-                )
+                fwd = dict(IS_RMS=False, HAS_RES=True, HAS_BIAS=True, BLOCK_N=block)
+                out.append(("_norm_fwd_kernel", arch, dtype, fwd, warps, 1))
+                block, warps = N._block_and_warps(n, backward=True)
+                bwd = dict(IS_RMS=False, HAS_DH=True, HAS_BIAS=True, BLOCK_N=block)
+                out.append(("_norm_bwd_kernel", arch, dtype, bwd, warps, 1))
     return out
 
 
