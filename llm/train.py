@@ -76,6 +76,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def on_rank0(fn, rank: int) -> None:
+    """Run fn on rank 0 while the others wait; an error there is raised on every rank (no rank hangs)."""
+    error = [None]
+    if rank == 0:
+        try:
+            fn()
+        except (ConfigError, ShardError, TokenizerError, CorpusError, OSError) as e:
+            error = [e]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise error[0]
+
+
 def all_max(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -157,10 +170,12 @@ def train(cfg: Config) -> dict:
     device = D.init(env)
     t = cfg.train
     run_dir = Path(cfg.runs_dir) / cfg.name
-    if env.rank == 0:
+
+    def prepare_on_rank0() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         ensure_data(cfg.data)
-    dist.barrier()
+
+    on_rank0(prepare_on_rank0, env.rank)
     tok = Tokenizer.load(cfg.data.tokenizer)
     if t.deterministic:
         torch.use_deterministic_algorithms(True)

@@ -121,3 +121,18 @@ def test_bad_input_fails_before_training(tmp_path, args, extra, message):
     r = launch(args("bad", *extra), check=False)
     assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "runs" / "bad" / "checkpoints").exists()
+
+
+def test_a_data_error_on_rank_zero_stops_every_rank(tmp_path, args):
+    r = launch(
+        args(
+            "nodata",
+            "data.paths=[/nonexistent/data]",
+            "data.prepare_if_missing=true",
+            "data.corpus=[/nonexistent/corpus]",
+        ),
+        nproc=2,
+        check=False,
+    )
+    assert r.returncode != 0
+    assert r.stderr.count("error: input path does not exist: /nonexistent/corpus") == 2  # both ranks, no hang
