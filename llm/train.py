@@ -192,6 +192,14 @@ def train(cfg: Config) -> dict:
         check_resumable(Checkpoints.meta(resume_from), cfg, tok, resume_from)
         if Checkpoints.needs_universal(resume_from, env.world_size):
             ds_config["checkpoint"] = {"load_universal": True}  # for loading only; saves stay ordinary
+            if cfg.deepspeed.stage == 3 and env.rank == 0:
+                # Seen with DeepSpeed 0.19.8: after a ZeRO-3 universal load the first update differs slightly
+                # (loss ~1e-4 apart a step later) from an uninterrupted run; ZeRO-1/2 and same-size resumes are exact.
+                print(
+                    "warning: resuming a ZeRO-3 checkpoint on a different number of ranks continues closely but "
+                    "not bitwise; resume on the original number of ranks for an exact continuation",
+                    file=sys.stderr,
+                )
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)

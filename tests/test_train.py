@@ -81,11 +81,13 @@ def test_loss_falls_and_the_run_directory_is_complete(cfg_factory):
     assert records(run, "val/ppl")[30] == pytest.approx(torch.exp(torch.tensor(val[30])).item(), rel=1e-5)
 
 
-def test_resume_is_exact(cfg_factory):
-    whole = train(cfg_factory("whole"))
-    first = train(cfg_factory("split", train={"steps_per_run": 3}))
+@pytest.mark.parametrize("stage", [0, 3])
+def test_resume_is_exact(cfg_factory, stage):
+    ds = {"stage": stage}
+    whole = train(cfg_factory("whole", deepspeed=ds))
+    first = train(cfg_factory("split", deepspeed=ds, train={"steps_per_run": 3}))
     assert first["step"] == 3 and first["stopped_by"] is None
-    second = train(cfg_factory("split"))
+    second = train(cfg_factory("split", deepspeed=ds))
     assert second["step"] == 8
     a, b = records(whole["run_dir"]), records(second["run_dir"])
     assert list(a) == list(b) == list(range(1, 9))
