@@ -24,6 +24,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 import torch
+from _results import write_json
 
 from llm.data.dataset import BatchLoader, open_windows
 from llm.data.prepare import PrepareConfig, prepare
@@ -146,10 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         f"dataset reads      : {reads['tokens_per_s'] / 1e6:.1f} M tokens/s "
         f"(seq_len {reads['seq_len']} x batch {reads['batch']}, one core)"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, result)
     return 0
 
 

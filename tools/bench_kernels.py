@@ -63,6 +63,29 @@ def ceilings(device, dtype, smoke: bool) -> dict:
     return {"matmul_tflops": matmul / 1e12, "copy_gbs": copy / 1e9}
 
 
+def pass_rows(
+    base: dict,
+    t_fwd: float,
+    t_all: float,
+    fwd_work: float,
+    bwd_work: float,
+    rate_key: str,
+    scale: float,
+    ceiling: float,
+) -> list[dict]:
+    """Rows for the forward, backward (t_all - t_fwd) and forward+backward passes: work per second in units of
+    `scale` under `rate_key`, and as a fraction of `ceiling` (in the same units)."""
+    rows = []
+    for pass_, seconds, work in (
+        ("fwd", t_fwd, fwd_work),
+        ("bwd", max(t_all - t_fwd, 1e-9), bwd_work),
+        ("fwd+bwd", t_all, fwd_work + bwd_work),
+    ):
+        rate = work / seconds / scale
+        rows.append({**base, "pass": pass_, "ms": seconds * 1e3, rate_key: rate, "fraction_of_ceiling": rate / ceiling})
+    return rows
+
+
 def attention_impls(kernels) -> dict:
     impls = {"ours": lambda q, k, v, causal: kernels.attention(q, k, v, causal=causal, impl="triton")}
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -116,26 +139,10 @@ def bench_attention(kernels, device, dtype, smoke: bool, ceil: dict, reps: int) 
                     except RuntimeError as e:  # a backend that does not take this shape or dtype
                         print(f"skip {name} T={T} D={D} causal={causal}: {str(e).splitlines()[0][:80]}")
                         continue
-                    t_bwd = max(t_all - t_fwd, 1e-9)
-                    for pass_, seconds, flops in (
-                        ("fwd", t_fwd, fwd_flops),
-                        ("bwd", t_bwd, 2.5 * fwd_flops),
-                        ("fwd+bwd", t_all, 3.5 * fwd_flops),
-                    ):
-                        tflops = flops / seconds / 1e12
-                        rows.append(
-                            {
-                                "op": "attention",
-                                "impl": name,
-                                "T": T,
-                                "D": D,
-                                "causal": causal,
-                                "pass": pass_,
-                                "ms": seconds * 1e3,
-                                "tflops": tflops,
-                                "fraction_of_ceiling": tflops / ceil["matmul_tflops"],
-                            }
-                        )
+                    base = {"op": "attention", "impl": name, "T": T, "D": D, "causal": causal}
+                    rows += pass_rows(
+                        base, t_fwd, t_all, fwd_flops, 2.5 * fwd_flops, "tflops", 1e12, ceil["matmul_tflops"]
+                    )
     return rows
 
 
@@ -156,24 +163,10 @@ def bench_norms(kernels, device, dtype, smoke: bool, ceil: dict, reps: int) -> l
                 dy = torch.randn_like(x)
                 t_fwd = timed(lambda: fn(x, w), reps)
                 t_all = timed(lambda: torch.autograd.grad(fn(x, w), (x, w), dy), reps)
-                nbytes = x.numel() * x.element_size()
-                for pass_, seconds, moved in (
-                    ("fwd", t_fwd, 2 * nbytes),
-                    ("bwd", max(t_all - t_fwd, 1e-9), 3 * nbytes),
-                    ("fwd+bwd", t_all, 5 * nbytes),
-                ):
-                    gbs = moved / seconds / 1e9
-                    rows.append(
-                        {
-                            "op": op,
-                            "impl": name,
-                            "N": N,
-                            "pass": pass_,
-                            "ms": seconds * 1e3,
-                            "gbs": gbs,
-                            "fraction_of_ceiling": gbs / ceil["copy_gbs"],
-                        }
-                    )
+                nbytes = x.numel() * x.element_size()  # x and y forward; x, dy and dx backward
+                rows += pass_rows(
+                    {"op": op, "impl": name, "N": N}, t_fwd, t_all, 2 * nbytes, 3 * nbytes, "gbs", 1e9, ceil["copy_gbs"]
+                )
     return rows
 
 

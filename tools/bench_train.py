@@ -24,6 +24,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 import torch
+from _results import write_json
 
 from llm.data.prepare import ensure_data
 from llm.data.tokenizer import Tokenizer
@@ -139,14 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         f"MFU {100 * mfu:.1f}% of {peak / 1e12:.2f} TFLOP/s ({peak_source})"
     )
     print(f"ratio ours/plain  : {result['ratio_ours_over_plain']:.3f}x")
-    path = (
-        Path(args.out)
-        if args.out
-        else ROOT / "tools/results" / f"bench_train_{result['device'].replace(' ', '_')}.json"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    default = ROOT / "tools/results" / f"bench_train_{result['device'].replace(' ', '_')}.json"
+    write_json(args.out or default, result)
     return 0
 
 

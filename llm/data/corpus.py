@@ -279,9 +279,6 @@ class Corpus:
             for seg in item:
                 yield from read_segment(seg, self.opts, stats)
 
-    def total_bytes(self) -> int:
-        return sum(segment_size(s) for item in self.items for s in item)
-
     def fingerprint(self) -> list[list]:
         """(path, size, mtime) of every file: what a resumed preparation must find unchanged."""
         return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in self.files]

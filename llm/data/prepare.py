@@ -42,7 +42,7 @@ from llm.data.shards import (
     write_manifest,
     write_shard,
 )
-from llm.data.tokenizer import Tokenizer
+from llm.data.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
 
 STATE_FILE = ".prepare_state.json"
 SEEN_FILE = ".prepare_seen.bin"
@@ -332,8 +332,6 @@ def _log(enabled: bool, msg: str) -> None:
 def ensure_data(data_cfg, verbose: bool = True) -> None:
     """Build the tokenizer and the shards named by a DataConfig from its `corpus` when they are missing
     (the demo's first run). A complete dataset is left alone."""
-    from llm.data.tokenizer import MODEL_FILE, train_tokenizer
-
     if not data_cfg.prepare_if_missing:
         return
     if not (Path(data_cfg.tokenizer) / MODEL_FILE).is_file():
