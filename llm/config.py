@@ -7,6 +7,7 @@ before any work starts, naming the field at fault.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -116,6 +117,7 @@ class TrainConfig:
     deterministic: bool = False  # torch deterministic algorithms (exact-resume tests)
     sample_tokens: int = 120  # tokens of text generated at the end (0 skips)
     peak_tflops: float | None = None  # the device peak for MFU; None = known GPU table, or measured on CPU
+    collective_timeout_s: float = 300.0  # a collective that waits longer (a hung or dead rank) ends the run
 
 
 @dataclass
@@ -145,17 +147,181 @@ def _need(cond: bool, field_name: str, problem: str) -> None:
         raise ConfigError(f"{field_name}: {problem}")
 
 
+# Per-field rules: each takes the value and returns what is wrong with it, or None. Every field of the schema
+# has one (tests/test_config.py checks that), applied after its type has been checked against the annotation.
+def _at_least(low: float):
+    return lambda v: None if v >= low else f"{v} must be at least {low}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 and math.isfinite(v) else f"{v} must be a positive number"
+
+
+def _non_negative(v: float) -> str | None:
+    return None if v >= 0 and math.isfinite(v) else f"{v} must be a finite number >= 0"
+
+
+def _fraction(low_open: bool = False, high_open: bool = False):
+    def check(v: float) -> str | None:
+        ok = (v > 0 if low_open else v >= 0) and (v < 1 if high_open else v <= 1)
+        return None if ok else f"{v} is not in {'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+
+    return check
+
+
+def _one_of(*choices):
+    return lambda v: None if v in choices else f"{v!r} is not one of {', '.join(map(str, choices))}"
+
+
+def _non_empty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+def _path_list(v: list) -> str | None:
+    if not v:
+        return "needs at least one entry"
+    return None if all(s.strip() for s in v) else "has an empty entry"
+
+
+def _weights(v: list) -> str | None:
+    bad = [w for w in v if not (w > 0 and math.isfinite(w))]
+    return f"{bad[0]} is not a positive weight" if bad else None
+
+
+def _run_name(v: str) -> str | None:
+    if not v.strip() or v in (".", "..") or "/" in v or "\\" in v:
+        return f"{v!r} must be a single directory name (no '/', not '.' or '..')"
+    return None
+
+
+def _optional(rule):
+    return lambda v: None if v is None else rule(v)
+
+
+_ok = lambda v: None  # booleans: the type check is the whole check
+
+RULES = {
+    "model.name": _non_empty,
+    "model.vocab_size": _optional(_at_least(1)),
+    "model.pad_vocab_to": _at_least(1),
+    "model.n_layer": _at_least(1),
+    "model.n_head": _at_least(1),
+    "model.n_kv_head": _optional(_at_least(1)),
+    "model.n_embd": _at_least(1),
+    "model.max_seq_len": _at_least(1),
+    "model.norm": _one_of("layernorm", "rmsnorm"),
+    "model.norm_eps": _positive,
+    "model.pos": _one_of("learned", "rope"),
+    "model.rope_theta": _positive,
+    "model.mlp": _one_of("gelu", "swiglu"),
+    "model.mlp_hidden": _optional(_at_least(1)),
+    "model.mlp_multiple_of": _at_least(1),
+    "model.tie_embeddings": _ok,
+    "model.bias": _ok,
+    "model.dropout": _fraction(high_open=True),
+    "model.doc_mask": _ok,
+    "model.kernels": _one_of("auto", "triton", "torch"),
+    "data.paths": _path_list,
+    "data.weights": _optional(_weights),
+    "data.tokenizer": _non_empty,
+    "data.seq_len": _at_least(1),
+    "data.prepare_if_missing": _ok,
+    "data.corpus": _path_list,
+    "data.tokenizer_vocab_size": _at_least(262),  # byte fallback alone takes 261 ids (256 bytes, specials, "\n")
+    "data.val_fraction": _fraction(high_open=True),
+    "optim.lr": _positive,
+    "optim.min_lr_ratio": _fraction(),
+    "optim.weight_decay": _non_negative,
+    "optim.beta1": _fraction(high_open=True),
+    "optim.beta2": _fraction(high_open=True),
+    "optim.eps": _positive,
+    "optim.schedule": _one_of("cosine", "wsd", "constant"),
+    "optim.warmup_steps": _at_least(0),
+    "optim.decay_fraction": _fraction(low_open=True),
+    "optim.grad_clip": _non_negative,
+    "deepspeed.stage": _one_of(0, 1, 2, 3),
+    "deepspeed.offload_optimizer": _ok,
+    "deepspeed.offload_param": _ok,
+    "deepspeed.precision": _one_of("auto", "fp32", "bf16", "fp16"),
+    "deepspeed.reduce_bucket_size": _at_least(1),
+    "deepspeed.allgather_bucket_size": _at_least(1),
+    "deepspeed.overlap_comm": _ok,
+    "logger.wandb": _ok,
+    "logger.mode": _one_of("offline", "online"),
+    "logger.project": _non_empty,
+    "logger.entity": _optional(_non_empty),
+    "logger.log_every": _at_least(1),
+    "train.micro_batch": _at_least(1),
+    "train.global_batch": _at_least(1),
+    "train.max_steps": _at_least(1),
+    "train.eval_every": _at_least(0),
+    "train.eval_batches": _at_least(1),
+    "train.ckpt_every_steps": _at_least(0),
+    "train.ckpt_every_minutes": _non_negative,
+    "train.keep_last": _at_least(1),
+    "train.steps_per_run": _optional(_at_least(1)),
+    "train.max_bad_steps": _at_least(1),
+    "train.activation_checkpointing": _ok,
+    "train.compile": _ok,
+    "train.seed": lambda v: None if 0 <= v < 2**63 else f"{v} is not in [0, 2**63)",
+    "train.deterministic": _ok,
+    "train.sample_tokens": _at_least(0),
+    "train.peak_tflops": _optional(_positive),
+    "train.collective_timeout_s": _positive,
+    "name": _run_name,
+    "runs_dir": _non_empty,
+    "resume": _non_empty,
+}
+
+
+def _type_problem(value, annotation) -> str | None:
+    """What is wrong with the value's type for a field annotated `annotation` (a string: the module uses
+    postponed annotations), or None. Supports the few forms the schema uses."""
+    kind = annotation.replace(" ", "")
+    if kind.endswith("|None"):
+        if value is None:
+            return None
+        kind = kind[: -len("|None")]
+    if kind.startswith("list["):
+        if not isinstance(value, list):
+            return f"expected a list, got {value!r}"
+        for item in value:
+            problem = _type_problem(item, kind[5:-1])
+            if problem:
+                return problem
+        return None
+    types, wanted = {
+        "int": ((int,), "an integer"),
+        "float": ((int, float), "a number"),
+        "bool": ((bool,), "true or false"),
+        "str": ((str,), "a string"),
+    }[kind]
+    if isinstance(value, bool) and kind != "bool" or not isinstance(value, types):
+        return f"expected {wanted}, got {value!r}"
+    return None
+
+
+def _fields(node, prefix: str = ""):
+    """(dotted name, value, annotation) of every leaf field of a config dataclass tree."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _fields(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, f.type
+
+
 def validate(cfg: Config, world_size: int = 1, cuda: bool = False) -> None:
-    """Raise ConfigError naming the first invalid field."""
-    m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.deepspeed
+    """Raise ConfigError naming the first invalid field: its type, its own range or choices, then the rules
+    that tie fields together."""
+    for name, value, annotation in _fields(cfg):
+        problem = _type_problem(value, annotation) or RULES[name](value)
+        if problem:
+            raise ConfigError(f"{name}: {problem}")
+    m, t, d = cfg.model, cfg.train, cfg.deepspeed
     kv = m.n_kv_head or m.n_head
     _need(m.n_embd % m.n_head == 0, "model.n_embd", f"{m.n_embd} is not divisible by model.n_head={m.n_head}")
     _need(m.n_head % kv == 0, "model.n_head", f"{m.n_head} is not divisible by model.n_kv_head={kv}")
-    _need(m.norm in ("layernorm", "rmsnorm"), "model.norm", f"{m.norm!r} is not layernorm or rmsnorm")
-    _need(m.pos in ("learned", "rope"), "model.pos", f"{m.pos!r} is not learned or rope")
-    _need(m.mlp in ("gelu", "swiglu"), "model.mlp", f"{m.mlp!r} is not gelu or swiglu")
-    _need(m.kernels in ("auto", "triton", "torch"), "model.kernels", f"{m.kernels!r} is not auto, triton or torch")
-    _need(0.0 <= m.dropout < 1.0, "model.dropout", f"{m.dropout} is not in [0, 1)")
     if m.pos == "rope":
         _need((m.n_embd // m.n_head) % 2 == 0, "model.n_embd", "rope needs an even head dimension")
     _need(
@@ -163,20 +329,13 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool = False) -> None:
         "data.seq_len",
         f"{cfg.data.seq_len} is above model.max_seq_len={m.max_seq_len}; lower it or raise the model's maximum",
     )
-    _need(t.micro_batch >= 1, "train.micro_batch", "must be at least 1")
+    if cfg.data.weights is not None:
+        _need(len(cfg.data.weights) == len(cfg.data.paths), "data.weights", "needs one weight per data.paths entry")
     _need(
         t.global_batch % (t.micro_batch * world_size) == 0,
         "train.global_batch",
         f"{t.global_batch} is not divisible by train.micro_batch={t.micro_batch} x world size {world_size}",
     )
-    _need(t.max_steps >= 1, "train.max_steps", "must be at least 1")
-    _need(t.steps_per_run is None or t.steps_per_run >= 1, "train.steps_per_run", "must be at least 1")
-    _need(t.keep_last >= 1, "train.keep_last", "must be at least 1")
-    _need(o.schedule in ("cosine", "wsd", "constant"), "optim.schedule", f"{o.schedule!r} is not cosine|wsd|constant")
-    _need(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"{o.lr} must be a positive number")
-    _need(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"{o.min_lr_ratio} is not in [0, 1]")
-    _need(d.stage in (0, 1, 2, 3), "deepspeed.stage", f"{d.stage} is not a ZeRO stage (0-3)")
-    _need(d.precision in ("auto", "fp32", "bf16", "fp16"), "deepspeed.precision", f"{d.precision!r} is unknown")
     _need(
         not (d.precision == "fp16" and not cuda),
         "deepspeed.precision",
@@ -184,7 +343,3 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool = False) -> None:
     )
     _need(not d.offload_optimizer or d.stage >= 2, "deepspeed.offload_optimizer", "needs deepspeed.stage 2 or 3")
     _need(not d.offload_param or d.stage == 3, "deepspeed.offload_param", "needs deepspeed.stage 3")
-    _need(cfg.logger.mode in ("offline", "online"), "logger.mode", f"{cfg.logger.mode!r} is not offline or online")
-    if cfg.data.weights is not None:
-        _need(len(cfg.data.weights) == len(cfg.data.paths), "data.weights", "needs one weight per data.paths entry")
-    _need(cfg.resume == "auto" or cfg.resume == "none" or bool(cfg.resume), "resume", "use auto, none or a path")

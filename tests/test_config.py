@@ -1,5 +1,6 @@
 """The config schema and groups: every group composes, recipes are valid, bad values fail naming the field."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -70,9 +71,7 @@ def test_deepspeed_json_is_generated_from_the_schema():
         (["data.seq_len=512"], "data.seq_len: 512 is above model.max_seq_len=256"),
         (["deepspeed.precision=fp16"], "deepspeed.precision: fp16 is not supported on CPU"),
         (["train.global_batch=12", "train.micro_batch=8"], "train.global_batch: 12 is not divisible"),
-        (["model.norm=batchnorm"], "model.norm: 'batchnorm' is not layernorm or rmsnorm"),
         (["deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer: needs deepspeed.stage 2 or 3"),
-        (["optim.schedule=linear"], "optim.schedule: 'linear' is not cosine|wsd|constant"),
         (["data.weights=[0.5,0.5]"], "data.weights: needs one weight per data.paths entry"),
     ],
 )
@@ -101,3 +100,111 @@ def test_the_entry_point_explains_a_bad_override_in_one_line(override, message):
     with pytest.raises(ConfigError) as e:
         load_config([override])
     assert str(e.value).startswith("bad override: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+# One invalid value for every field of the schema (a wrong type, out of range, or not a choice), with the start
+# of the one-line error it must give. test_every_field_has_a_bad_value keeps this table complete.
+BAD_VALUES = {
+    "model.name": ("", "model.name: must not be empty"),
+    "model.vocab_size": (0, "model.vocab_size: 0 must be at least 1"),
+    "model.pad_vocab_to": (0, "model.pad_vocab_to: 0 must be at least 1"),
+    "model.n_layer": ("4", "model.n_layer: expected an integer, got '4'"),
+    "model.n_head": (0, "model.n_head: 0 must be at least 1"),
+    "model.n_kv_head": (-2, "model.n_kv_head: -2 must be at least 1"),
+    "model.n_embd": (True, "model.n_embd: expected an integer, got True"),
+    "model.max_seq_len": (0, "model.max_seq_len: 0 must be at least 1"),
+    "model.norm": ("batchnorm", "model.norm: 'batchnorm' is not one of layernorm, rmsnorm"),
+    "model.norm_eps": (0.0, "model.norm_eps: 0.0 must be a positive number"),
+    "model.pos": ("alibi", "model.pos: 'alibi' is not one of learned, rope"),
+    "model.rope_theta": (float("inf"), "model.rope_theta: inf must be a positive number"),
+    "model.mlp": ("relu", "model.mlp: 'relu' is not one of gelu, swiglu"),
+    "model.mlp_hidden": (0, "model.mlp_hidden: 0 must be at least 1"),
+    "model.mlp_multiple_of": (0, "model.mlp_multiple_of: 0 must be at least 1"),
+    "model.tie_embeddings": ("yes", "model.tie_embeddings: expected true or false, got 'yes'"),
+    "model.bias": (1, "model.bias: expected true or false, got 1"),
+    "model.dropout": (1.0, "model.dropout: 1.0 is not in [0, 1)"),
+    "model.doc_mask": (None, "model.doc_mask: expected true or false, got None"),
+    "model.kernels": ("cuda", "model.kernels: 'cuda' is not one of auto, triton, torch"),
+    "data.paths": ([], "data.paths: needs at least one entry"),
+    "data.weights": ([-1.0], "data.weights: -1.0 is not a positive weight"),
+    "data.tokenizer": ("", "data.tokenizer: must not be empty"),
+    "data.seq_len": (0, "data.seq_len: 0 must be at least 1"),
+    "data.prepare_if_missing": ("no", "data.prepare_if_missing: expected true or false, got 'no'"),
+    "data.corpus": ([""], "data.corpus: has an empty entry"),
+    "data.tokenizer_vocab_size": (100, "data.tokenizer_vocab_size: 100 must be at least 262"),
+    "data.val_fraction": (1.0, "data.val_fraction: 1.0 is not in [0, 1)"),
+    "optim.lr": (0.0, "optim.lr: 0.0 must be a positive number"),
+    "optim.min_lr_ratio": (1.5, "optim.min_lr_ratio: 1.5 is not in [0, 1]"),
+    "optim.weight_decay": (-0.1, "optim.weight_decay: -0.1 must be a finite number >= 0"),
+    "optim.beta1": (1.5, "optim.beta1: 1.5 is not in [0, 1)"),
+    "optim.beta2": (1.0, "optim.beta2: 1.0 is not in [0, 1)"),
+    "optim.eps": (0.0, "optim.eps: 0.0 must be a positive number"),
+    "optim.schedule": ("linear", "optim.schedule: 'linear' is not one of cosine, wsd, constant"),
+    "optim.warmup_steps": (-1, "optim.warmup_steps: -1 must be at least 0"),
+    "optim.decay_fraction": (0.0, "optim.decay_fraction: 0.0 is not in (0, 1]"),
+    "optim.grad_clip": (float("nan"), "optim.grad_clip: nan must be a finite number >= 0"),
+    "deepspeed.stage": (4, "deepspeed.stage: 4 is not one of 0, 1, 2, 3"),
+    "deepspeed.offload_optimizer": ("cpu", "deepspeed.offload_optimizer: expected true or false, got 'cpu'"),
+    "deepspeed.offload_param": (0, "deepspeed.offload_param: expected true or false, got 0"),
+    "deepspeed.precision": ("fp8", "deepspeed.precision: 'fp8' is not one of auto, fp32, bf16, fp16"),
+    "deepspeed.reduce_bucket_size": (0, "deepspeed.reduce_bucket_size: 0 must be at least 1"),
+    "deepspeed.allgather_bucket_size": (-1, "deepspeed.allgather_bucket_size: -1 must be at least 1"),
+    "deepspeed.overlap_comm": ("true", "deepspeed.overlap_comm: expected true or false, got 'true'"),
+    "logger.wandb": (None, "logger.wandb: expected true or false, got None"),
+    "logger.mode": ("disabled", "logger.mode: 'disabled' is not one of offline, online"),
+    "logger.project": (" ", "logger.project: must not be empty"),
+    "logger.entity": ("", "logger.entity: must not be empty"),
+    "logger.log_every": (0, "logger.log_every: 0 must be at least 1"),
+    "train.micro_batch": (0, "train.micro_batch: 0 must be at least 1"),
+    "train.global_batch": (0, "train.global_batch: 0 must be at least 1"),
+    "train.max_steps": (0, "train.max_steps: 0 must be at least 1"),
+    "train.eval_every": (-1, "train.eval_every: -1 must be at least 0"),
+    "train.eval_batches": (0, "train.eval_batches: 0 must be at least 1"),
+    "train.ckpt_every_steps": (-5, "train.ckpt_every_steps: -5 must be at least 0"),
+    "train.ckpt_every_minutes": (-1.0, "train.ckpt_every_minutes: -1.0 must be a finite number >= 0"),
+    "train.keep_last": (0, "train.keep_last: 0 must be at least 1"),
+    "train.steps_per_run": (0, "train.steps_per_run: 0 must be at least 1"),
+    "train.max_bad_steps": (0, "train.max_bad_steps: 0 must be at least 1"),
+    "train.activation_checkpointing": ("on", "train.activation_checkpointing: expected true or false, got 'on'"),
+    "train.compile": (2, "train.compile: expected true or false, got 2"),
+    "train.seed": (-1, "train.seed: -1 is not in [0, 2**63)"),
+    "train.deterministic": ("1", "train.deterministic: expected true or false, got '1'"),
+    "train.sample_tokens": (-1, "train.sample_tokens: -1 must be at least 0"),
+    "train.peak_tflops": (0.0, "train.peak_tflops: 0.0 must be a positive number"),
+    "train.collective_timeout_s": (0, "train.collective_timeout_s: 0 must be a positive number"),
+    "name": ("a/b", "name: 'a/b' must be a single directory name"),
+    "runs_dir": ("", "runs_dir: must not be empty"),
+    "resume": ("", "resume: must not be empty"),
+}
+
+
+def leaf_fields(node, prefix=""):
+    out = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        out += leaf_fields(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [f"{prefix}{f.name}"]
+    return out
+
+
+def test_every_field_has_a_bad_value():
+    assert sorted(BAD_VALUES) == sorted(leaf_fields(Config()))
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_every_field_is_validated(name):
+    value, message = BAD_VALUES[name]
+    cfg = Config()
+    *path, leaf = name.split(".")
+    node = cfg
+    for part in path:
+        node = getattr(node, part)
+    setattr(node, leaf, value)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world_size=1, cuda=False)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+def test_the_defaults_and_every_recipe_pass_every_rule():
+    validate(Config())
+    for recipe in sorted((CONF / "experiment").glob("*.yaml")):
+        validate(load(f"experiment={recipe.stem}"), world_size=1, cuda=True)
