@@ -1,28 +1,40 @@
-"""Checkpoints: DeepSpeed engine state plus our client state, written so that a crash never damages the
-last good one.
+"""Checkpoints: DeepSpeed engine state plus our client state, written so that a crash never damages the last
+good one, and verified before they are resumed.
 
-Layout: <run_dir>/checkpoints/step_00000100/ holds DeepSpeed's files and, written by rank 0 only after
-every rank has finished, COMPLETE.json (step, world size, ZeRO stage, each file's size). Then the pointer
-<run_dir>/checkpoints/latest (the tag, as DeepSpeed's own tools expect it) is replaced atomically, and
-checkpoints beyond the newest `keep_last` are deleted. A directory without a matching COMPLETE.json is
-incomplete and is never resumed from.
+Layout: <run_dir>/checkpoints/step_00000100/ holds DeepSpeed's files and, written by rank 0 only after every
+rank has finished, COMPLETE.json: step, world size, ZeRO stage, and each file's size and sha256 (the ranks
+hash the files between them). Then the pointer <run_dir>/checkpoints/latest (the tag, as DeepSpeed's own
+tools expect it) is replaced atomically, and checkpoints beyond the newest `keep_last` are deleted.
+
+A checkpoint is intact when COMPLETE.json is readable and every file it lists is present with its size and
+sha256; a directory without COMPLETE.json is an interrupted save and was never a checkpoint. A checkpoint
+whose weights were followed by non-finite losses carries NONFINITE.json and is not resumed automatically.
+`latest` is read as untrusted bytes: it counts only when it names a `step_NNNNNNNN` directory of this run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
 
 from llm.data.files import atomic_write, atomic_write_json
+from llm.ds_patches import repair_zero3_universal_load
 
+FORMAT = "llm-checkpoint/2"
 MARKER = "COMPLETE.json"
+SUSPECT = "NONFINITE.json"
 POINTER = "latest"
+TAG = re.compile(r"step_\d{8}")
 
 
 class CheckpointError(RuntimeError):
@@ -33,38 +45,92 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _dist():
         dist.barrier()
 
 
-def check_complete(tag_dir: Path) -> str | None:
-    """None if the checkpoint is complete, else what is wrong with it."""
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if _dist() else (0, 1)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _problem_of(tag_dir: Path, verify_share: Callable[[list[str]], list[str]]) -> str | None:
+    """What makes `tag_dir` unusable, or None. `verify_share` picks the files whose sha256 this process checks."""
     marker = tag_dir / MARKER
     if not tag_dir.is_dir():
         return f"{tag_dir} does not exist"
     if not marker.is_file():
         return f"{tag_dir} is incomplete (no {MARKER}: the save was interrupted)"
+    if (tag_dir / SUSPECT).is_file():
+        return f"{tag_dir} was followed by non-finite losses ({SUSPECT}; delete that file to resume from it anyway)"
     try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError):
-        return f"{marker} is unreadable"
-    for name, size in files.items():
+        meta = json.loads(marker.read_bytes())
+        files = {name: (int(e["size"]), str(e["sha256"])) for name, e in meta["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{marker} is unreadable or was written without checksums"
+    for name, (size, _) in files.items():
         f = tag_dir / name
         if not f.is_file():
             return f"{tag_dir} is missing {name}"
         if f.stat().st_size != size:
             return f"{tag_dir}/{name} is {f.stat().st_size:,} bytes, expected {size:,} (truncated)"
+    for name in verify_share(sorted(files)):
+        if sha256_of(tag_dir / name) != files[name][1]:
+            return f"{tag_dir}/{name} does not match its sha256 (damaged)"
     return None
 
 
-class Checkpoints:
-    def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0):
-        self.dir, self.keep_last, self.rank = Path(directory), keep_last, rank
+def check_checkpoint(tag_dir: Path) -> str | None:
+    """None if the checkpoint is intact, else what is wrong with it. Under torch.distributed every rank
+    hashes its share of the files and all ranks return the same answer (call it on every rank)."""
+    rank, world = _rank_world()
+    problem = _problem_of(Path(tag_dir), lambda names: names[rank::world])
+    if world == 1:
+        return problem
+    problems = [None] * world
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), None)
 
-    def save(self, engine, step: int, client_state: dict, world_size: int, zero_stage: int, describe: dict) -> Path:
+
+def read_pointer(directory: Path) -> tuple[str | None, str | None]:
+    """(tag, None) when `directory/latest` names a checkpoint directory of `directory`, else (None, why)."""
+    pointer = directory / POINTER
+    if not pointer.is_file():
+        return None, None
+    raw = pointer.read_bytes()[:256]
+    text = raw.decode("ascii", errors="replace").strip()
+    if not TAG.fullmatch(text):
+        return None, f"{pointer} does not name a checkpoint of this run ({raw[:40]!r}); ignoring it"
+    return text, None
+
+
+class Checkpoints:
+    def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0, say: Callable[[str], None] = None):
+        self.dir, self.keep_last, self.rank = Path(directory), keep_last, rank
+        self.say = say or (lambda msg: print(msg, file=sys.stderr) if rank == 0 else None)
+
+    def tags(self) -> list[Path]:
+        """Checkpoint directories (complete or not), newest first."""
+        return sorted((p for p in self.dir.glob("step_*") if p.is_dir() and TAG.fullmatch(p.name)), reverse=True)
+
+    def save(
+        self, engine, step: int, client_state: dict, world_size: int, zero_stage: int, describe: dict, protect=None
+    ) -> Path:
         """Save on every rank; return the checkpoint directory once it is complete and `latest` points to it.
-        `describe` goes into COMPLETE.json, readable without loading the checkpoint."""
+        `describe` goes into COMPLETE.json, readable without loading the checkpoint; `protect` (a checkpoint
+        directory) is never pruned."""
         tag = tag_for(step)
         tag_dir = self.dir / tag
         if self.rank == 0 and tag_dir.exists():  # a leftover of an interrupted save of this same step
@@ -72,46 +138,100 @@ class Checkpoints:
         _barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
         _barrier()
+        names = [str(p.relative_to(tag_dir)) for p in sorted(tag_dir.rglob("*")) if p.is_file()]
+        rank, world = _rank_world()
+        if world > 1:  # rank 0's listing for everyone: a shared filesystem may show a new file late
+            box = [names]
+            dist.broadcast_object_list(box, src=0)
+            names = box[0]
+        mine = {n: {"size": (tag_dir / n).stat().st_size, "sha256": sha256_of(tag_dir / n)} for n in names[rank::world]}
+        shares = [mine]
+        if world > 1:
+            shares = [None] * world
+            dist.all_gather_object(shares, mine)
         if self.rank == 0:
-            files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
-            meta = {"step": step, "world_size": world_size, "zero_stage": zero_stage, **describe, "files": files}
-            atomic_write_json(tag_dir / MARKER, meta)
+            files = {n: e for share in shares for n, e in share.items()}
+            meta = {"format": FORMAT, "step": step, "world_size": world_size, "zero_stage": zero_stage, **describe}
+            atomic_write_json(tag_dir / MARKER, {**meta, "files": dict(sorted(files.items()))})
             atomic_write(self.dir / POINTER, tag.encode())
-            self._prune(keep=tag)
+            self._prune(tag, protect=Path(protect).name if protect else tag)
         _barrier()
         return tag_dir
 
-    def _prune(self, keep: str) -> None:
-        tags = sorted(p.name for p in self.dir.glob("step_*") if p.is_dir())
+    def _prune(self, saved: str, protect: str) -> None:
+        tags = sorted(p.name for p in self.tags())
         done = [t for t in tags if (self.dir / t / MARKER).is_file()]
         for t in done[: max(0, len(done) - self.keep_last)]:
-            if t != keep:
+            if t not in (saved, protect):
                 shutil.rmtree(self.dir / t, ignore_errors=True)
                 shutil.rmtree(self.dir / "universal" / t, ignore_errors=True)
         for t in tags:  # interrupted saves older than the one just completed
-            if t < keep and t not in done:
+            if t < saved and t not in done:
                 shutil.rmtree(self.dir / t, ignore_errors=True)
 
     def resolve(self, resume: str) -> Path | None:
-        """The checkpoint directory to resume from: `none`; `auto` (the `latest` pointer if that checkpoint is
-        complete, else the newest complete one, else nothing); or an explicit checkpoint directory."""
+        """The checkpoint to resume from, verified (call on every rank): `none`; an explicit directory (a
+        checkpoint, or a checkpoints directory whose `latest` names one); or `auto`: `latest` if intact, else
+        the newest intact checkpoint, saying which were skipped and why. Raises CheckpointError when an
+        explicit checkpoint is damaged, or when this run has checkpoints and none of them is intact."""
         if resume == "none":
             return None
         if resume != "auto":
             path = Path(resume)
-            if (path / POINTER).is_file():
-                path = path / (path / POINTER).read_text().strip()
-            problem = check_complete(path)
+            tag, _ = read_pointer(path)
+            if tag is not None:
+                path = path / tag
+            problem = check_checkpoint(path)
             if problem:
                 raise CheckpointError(f"cannot resume: {problem}; pick another checkpoint or resume=none")
             return path
-        pointer = self.dir / POINTER
-        if pointer.is_file():
-            path = self.dir / pointer.read_text().strip()
-            if check_complete(path) is None:
+        tag, why = read_pointer(self.dir)
+        if why:
+            self.say(why)
+        candidates = ([self.dir / tag] if tag else []) + [p for p in self.tags() if p.name != tag]
+        skipped = []
+        for path in candidates:
+            if tag and path.name == tag and not path.is_dir():
+                self.say(f"{self.dir / POINTER} names {tag}, which does not exist; ignoring it")
+                continue
+            problem = check_checkpoint(path)
+            if problem is None:
                 return path
-        complete = [p for p in sorted(self.dir.glob("step_*"), reverse=True) if check_complete(p) is None]
-        return complete[0] if complete else None
+            if (path / MARKER).is_file():
+                skipped.append(f"{path.name}: {problem}")
+                self.say(f"skipping checkpoint {path.name}: {problem}")
+        if skipped:
+            raise CheckpointError(
+                f"{self.dir} has {len(skipped)} checkpoint(s) and none is intact ({'; '.join(skipped[:3])}); "
+                "resume=PATH picks one explicitly, resume=none starts over (moving these aside)"
+            )
+        if candidates:
+            names = ", ".join(p.name for p in candidates)
+            self.say(f"{self.dir} holds only interrupted saves ({names}), no checkpoint: starting from step 0")
+        return None
+
+    def set_aside(self) -> Path | None:
+        """Rank 0 moves an existing checkpoints directory to checkpoints.superseded-<UTC time> (a run started
+        over with resume=none keeps its old checkpoints, unmixed with the new ones); returns the new name."""
+        if not self.tags() and not (self.dir / POINTER).exists():
+            return None
+        moved = self.dir.with_name(f"{self.dir.name}.superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        if self.rank == 0:
+            os.replace(self.dir, moved)
+            self.say(f"resume=none: moved the existing checkpoints to {moved}")
+        _barrier()
+        return moved
+
+    def mark_nonfinite(self, tag_dir: Path, reason: str, good: Path | None) -> None:
+        """Rank 0 marks a checkpoint whose weights led to non-finite losses (so `auto` never resumes it) and
+        points `latest` at the last good checkpoint, or removes it when there is none."""
+        if self.rank == 0:
+            atomic_write_json(tag_dir / SUSPECT, {"reason": reason})
+            if good is not None:
+                atomic_write(self.dir / POINTER, good.name.encode())
+            else:
+                (self.dir / POINTER).unlink(missing_ok=True)
+        _barrier()
 
     @staticmethod
     def meta(tag_dir: Path) -> dict:
@@ -156,8 +276,11 @@ class Checkpoints:
                 f"{tag_dir} was saved with ZeRO stage {meta['zero_stage']}, this run uses {zero_stage}; "
                 f"resume with deepspeed.stage={meta['zero_stage']}"
             )
-        source = self.universal(tag_dir) if self.needs_universal(tag_dir, world_size) else tag_dir
+        universal = self.needs_universal(tag_dir, world_size)
+        source = self.universal(tag_dir) if universal else tag_dir
         _, client = engine.load_checkpoint(str(source.parent), tag=source.name, load_lr_scheduler_states=False)
         if client is None:
             raise CheckpointError(f"DeepSpeed could not load {tag_dir}; it may be damaged, pick another checkpoint")
+        if universal and zero_stage == 3:
+            repair_zero3_universal_load(engine, source)
         return client

@@ -48,8 +48,11 @@ def detect() -> DistEnv:
     return DistEnv(0, 1, 0, "plain")
 
 
-def init(env: DistEnv) -> torch.device:
-    """Start the process group (nccl on GPUs, gloo on CPU) through DeepSpeed; return this rank's device."""
+def init(env: DistEnv, timeout_s: float = 300.0) -> torch.device:
+    """Start the process group (nccl on GPUs, gloo on CPU) through DeepSpeed; return this rank's device. A
+    collective that waits more than `timeout_s` (a rank died or hangs) raises instead of waiting forever."""
+    import datetime
+
     import deepspeed
 
     e = os.environ
@@ -61,7 +64,11 @@ def init(env: DistEnv) -> torch.device:
     if cuda:
         torch.cuda.set_device(env.local_rank)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if cuda else "gloo",
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     return torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
 
 

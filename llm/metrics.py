@@ -1,9 +1,9 @@
 """Rank-0 reporting: a console progress bar, <run_dir>/metrics.jsonl, and Weights & Biases; MFU.
 
 Every record goes to metrics.jsonl (one JSON object per logged step, the same keys as W&B), so a run can be
-inspected without W&B. W&B runs offline by default (files under <run_dir>/wandb; `wandb sync` uploads them
-later), online when configured, or not at all; its run id is kept in checkpoints so a resumed run
-continues the same W&B run.
+inspected without W&B; the file is only ever appended to, and `read_history` reads it as the run's history.
+W&B runs offline by default (files under <run_dir>/wandb; `wandb sync` uploads them later), online when
+configured, or not at all; its run id is kept in checkpoints so a resumed run continues the same W&B run.
 """
 
 from __future__ import annotations
@@ -19,21 +19,29 @@ from tqdm import tqdm
 
 from llm.config import LoggerConfig
 
-# Dense bf16 tensor-core peaks (FLOP/s) by device name fragment.
-GPU_PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' spec sheets, by a fragment of the
+# device name; the longest matching fragment wins (an "H100 PCIe" must not take the SXM "H100" entry).
+GPU_PEAK_BF16 = [
+    ("H100", 989.4, "H100 SXM"),
+    ("H100 PCIe", 756.0, "H100 PCIe"),
+    ("H100 NVL", 835.0, "H100 NVL"),
+    ("H200", 989.4, "H200 SXM"),
+    ("H200 NVL", 835.0, "H200 NVL"),
+    ("GH200", 989.4, "GH200"),
+    ("B200", 2250.0, "B200"),
+    ("A100", 312.0, "A100 (40 GB and 80 GB)"),
+    ("L40S", 362.05, "L40S"),
+    ("A10G", 70.0, "A10G"),
+    ("L4", 121.0, "L4"),
+]
 
 
-def device_peak_flops(device: torch.device, override_tflops: float | None) -> tuple[float, str]:
-    """(peak FLOP/s, where the number comes from) for MFU."""
-    if override_tflops:
-        return override_tflops * 1e12, "configured"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_BF16.items():
-            if key in name:
-                return peak, f"{name} bf16 dense spec"
-        return 0.0, f"unknown GPU {name}"
-    return measure_matmul_flops(), "measured fp32 matmul on this CPU"
+def gpu_peak(name: str) -> tuple[float, str] | None:
+    """(peak FLOP/s, table entry) for a CUDA device name, or None when the table does not know it."""
+    for fragment, tflops, label in sorted(GPU_PEAK_BF16, key=lambda e: -len(e[0])):
+        if fragment in name:
+            return tflops * 1e12, label
+    return None
 
 
 def measure_matmul_flops(n: int = 1024, repeats: int = 5, trials: int = 5) -> float:
@@ -47,6 +55,32 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 5, trials: int = 5) -> fl
             a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 * repeats / best
+
+
+class DevicePeak:
+    """The peak FLOP/s that MFU divides by, and where it comes from: `train.peak_tflops` when set, the GPU
+    table for a known GPU, else (a CPU) a measured fp32 matmul. A measured peak is measured again whenever the
+    run goes faster than it (the first measurement can fall on a busy moment) and never stays below what the
+    run achieved, so MFU never exceeds 100%."""
+
+    def __init__(self, device: torch.device, override_tflops: float | None):
+        self.measured = False
+        if override_tflops:
+            self.flops, self.source = override_tflops * 1e12, "train.peak_tflops"
+        elif device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            known = gpu_peak(name)
+            self.flops, self.source = (known[0], f"{known[1]} bf16 dense spec") if known else (0.0, f"unknown {name}")
+        else:
+            self.flops, self.source, self.measured = measure_matmul_flops(), "measured fp32 matmul on this CPU", True
+
+    def mfu(self, achieved_flops: float) -> float:
+        """Model FLOP/s utilisation of one device; 0 when the peak is unknown (set train.peak_tflops)."""
+        if not self.flops:
+            return 0.0
+        if self.measured and achieved_flops > self.flops:
+            self.flops = max(self.flops, measure_matmul_flops(), achieved_flops)
+        return achieved_flops / self.flops
 
 
 def new_run_id() -> str:
@@ -66,14 +100,17 @@ class MetricsLogger:
         config: dict,
         total_steps: int,
         start_step: int,
+        start_info: dict | None = None,
     ):
+        start_info = start_info or {}
         self.enabled = rank == 0
         self.wandb_run = None
         if not self.enabled:
             return
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._drop_records_after(start_step)
         self.file = open(self.path, "a")
+        self.file.write(json.dumps({"step": start_step, "event": "start", "time": time.time(), **start_info}) + "\n")
+        self.file.flush()
         if cfg.wandb:
             import wandb
 
@@ -97,13 +134,6 @@ class MetricsLogger:
             dynamic_ncols=True,
             disable=None,
         )
-
-    def _drop_records_after(self, step: int) -> None:
-        """On resume, forget records of steps after the checkpoint (they will be redone)."""
-        if not self.path.is_file():
-            return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -145,3 +175,19 @@ class MetricsLogger:
         self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def read_history(path: str | Path) -> list[dict]:
+    """The records of metrics.jsonl as the run's history. The file is only ever appended to; every start of
+    the training writes an `"event": "start"` record at the step it starts from, which supersedes records of
+    later steps written before it (by an attempt that died after its last checkpoint)."""
+    history: list[dict] = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if record.get("event") == "start":
+            history = [r for r in history if r["step"] <= record["step"]]
+        else:
+            history.append(record)
+    return history

@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
-import signal
+import re
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -24,56 +24,22 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from llm import distributed as D
-from llm.checkpoint import CheckpointError, Checkpoints
-from llm.config import Config, ConfigError, register, to_config, validate
+from llm.checkpoint import CheckpointError, Checkpoints, check_checkpoint
+from llm.compose import load_config, run_dir_of
+from llm.config import RULES, Config, ConfigError, validate
 from llm.data.corpus import CorpusError
 from llm.data.dataset import BatchLoader, open_windows
 from llm.data.prepare import ensure_data
 from llm.data.shards import ShardError
 from llm.data.tokenizer import Tokenizer, TokenizerError
-from llm.metrics import MetricsLogger, device_peak_flops, new_run_id
+from llm.faults import NonFiniteGuard, RankFailure, StopSignal, TrainingStopped, is_peer_failure, weights_finite
+from llm.metrics import DevicePeak, MetricsLogger, new_run_id
 from llm.model import GPT
 from llm.optim import build_optimizer, lr_at
+from llm.outcome import Recorder
+from llm.rng import rng_state, seed_everything, set_rng_state
 
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (e.g. repeated non-finite losses); the message says what to do."""
-
-
-class StopSignal:
-    """Remembers SIGUSR1/SIGTERM; the loop checkpoints and exits at the next step boundary."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGUSR1, signal.SIGTERM)}
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+BAD_INPUT = (ConfigError, CheckpointError, ShardError, TokenizerError, CorpusError)
 
 
 def on_rank0(fn, rank: int) -> None:
@@ -82,7 +48,7 @@ def on_rank0(fn, rank: int) -> None:
     if rank == 0:
         try:
             fn()
-        except (ConfigError, ShardError, TokenizerError, CorpusError, OSError) as e:
+        except (*BAD_INPUT, OSError) as e:
             error = [e]
     dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
@@ -163,13 +129,33 @@ def check_resumable(meta: dict, cfg: Config, tok: Tokenizer, path: Path) -> None
             )
 
 
-def train(cfg: Config) -> dict:
-    """Run (or resume) pretraining as configured; return a summary of the run."""
+def train(cfg: Config, recorder: Recorder | None = None) -> dict:
+    """Run (or resume) pretraining as configured; return a summary of the run. A collective that fails
+    because another rank died or hangs raises RankFailure naming this rank, the step and what it was doing."""
     env = D.detect()
     validate(cfg, env.world_size, torch.cuda.is_available())
-    device = D.init(env)
+    device = D.init(env, cfg.train.collective_timeout_s)
+    launch = [uuid.uuid4().hex[:12]]
+    dist.broadcast_object_list(launch, src=0)  # one id on every rank: which outcome records belong together
+    if recorder is not None:
+        recorder.start(launch[0])
+    where = {"phase": "start-up", "step": 0}
+    try:
+        return _train(cfg, env, device, where)
+    except RuntimeError as e:
+        if isinstance(e, (TrainingStopped, CheckpointError)) or not is_peer_failure(e):
+            raise
+        reason = re.sub(r"^\[[^\]]*\] ", "", str(e).strip().splitlines()[0])[:200]
+        raise RankFailure(
+            f"rank {env.rank} of {env.world_size}: a collective failed during {where['phase']} at step "
+            f"{where['step']} ({reason}); another rank died or hangs (train.collective_timeout_s="
+            f"{cfg.train.collective_timeout_s:g}); the last checkpoint is intact, resume to continue"
+        ) from e
+
+
+def _train(cfg: Config, env: D.DistEnv, device, where: dict) -> dict:
     t = cfg.train
-    run_dir = Path(cfg.runs_dir) / cfg.name
+    run_dir = run_dir_of(cfg)
 
     def prepare_on_rank0() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -187,21 +173,17 @@ def train(cfg: Config) -> dict:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     ckpts = Checkpoints(run_dir / "checkpoints", t.keep_last, env.rank)
+    where["phase"] = "checkpoint verification"
+    if cfg.resume == "none":
+        ckpts.set_aside()
     resume_from = ckpts.resolve(cfg.resume)
     if resume_from is not None:
         check_resumable(Checkpoints.meta(resume_from), cfg, tok, resume_from)
         if Checkpoints.needs_universal(resume_from, env.world_size):
             ds_config["checkpoint"] = {"load_universal": True}  # for loading only; saves stay ordinary
-            if cfg.deepspeed.stage == 3 and env.rank == 0:
-                # Seen with DeepSpeed 0.19.8: after a ZeRO-3 universal load the first update differs slightly
-                # (loss ~1e-4 apart a step later) from an uninterrupted run; ZeRO-1/2 and same-size resumes are exact.
-                print(
-                    "warning: resuming a ZeRO-3 checkpoint on a different number of ranks continues closely but "
-                    "not bitwise; resume on the original number of ranks for an exact continuation",
-                    file=sys.stderr,
-                )
     import deepspeed
 
+    where["phase"] = "engine start-up"
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     seed_everything(t.seed + 1000 * env.rank)  # per-rank randomness (dropout) from here on
 
@@ -215,26 +197,32 @@ def train(cfg: Config) -> dict:
 
     start, tokens_seen, skipped, run_id = 0, 0, 0, new_run_id()
     if resume_from is not None:
+        where["phase"] = "checkpoint load"
         state = ckpts.load(engine, resume_from, env.world_size, cfg.deepspeed.stage)["llm"]
         start, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
         run_id = state["wandb_run_id"]
         loader.load_state_dict(state["data"])
         if len(state["rng"]) == env.world_size:
             set_rng_state(state["rng"][env.rank])
-    log = MetricsLogger(run_dir, cfg.logger, env.rank, run_id, cfg.name, dataclasses.asdict(cfg), t.max_steps, start)
+    start_info = {"resumed_from": str(resume_from) if resume_from else None, "world_size": env.world_size}
+    log = MetricsLogger(
+        run_dir, cfg.logger, env.rank, run_id, cfg.name, dataclasses.asdict(cfg), t.max_steps, start, start_info
+    )
     if resume_from is not None:
         log.print(f"resumed from {resume_from} at step {start}")
     if val_windows is None:
         log.print("val split too small for one window: evaluation is skipped")
-    peak, peak_source = device_peak_flops(device, t.peak_tflops)
+    peak = DevicePeak(device, t.peak_tflops)
     flops_per_token = model.flops_per_token(seq)
     log.print(
-        f"{model.num_params():,} parameters; {flops_per_token / 1e6:.1f} MFLOP/token; peak {peak / 1e12:.2f} "
-        f"TFLOP/s/device ({peak_source}); {env.world_size} rank(s) x {loader.grad_accum} micro-batch(es) of "
+        f"{model.num_params():,} parameters; {flops_per_token / 1e6:.1f} MFLOP/token; peak {peak.flops / 1e12:.2f} "
+        f"TFLOP/s/device ({peak.source}); {env.world_size} rank(s) x {loader.grad_accum} micro-batch(es) of "
         f"{t.micro_batch} per step; run dir {run_dir}"
     )
+    guard = NonFiniteGuard(t.max_bad_steps, resume_from)
 
     def save(step: int) -> Path:
+        where["phase"] = "checkpoint save"
         ranks_rng = [None] * env.world_size
         dist.all_gather_object(ranks_rng, rng_state())
         client = {
@@ -250,16 +238,31 @@ def train(cfg: Config) -> dict:
         }
         # under one key: DeepSpeed drops client keys that share a name with its own (e.g. skipped_steps)
         describe = {"model": dataclasses.asdict(cfg.model), "tokenizer_sha256": tok.sha256}
-        return ckpts.save(engine, step, {"llm": client}, env.world_size, cfg.deepspeed.stage, describe)
+        path = ckpts.save(engine, step, {"llm": client}, env.world_size, cfg.deepspeed.stage, describe, guard.proven)
+        guard.saved(path)
+        return path
+
+    def nonfinite_stop(why: str) -> TrainingStopped:
+        """Mark the checkpoint the non-finite losses followed and name the newest one before it."""
+        suspect = guard.unproven
+        older = [p for p in ckpts.tags() if suspect is None or p.name < suspect.name]
+        good = next((p for p in older if check_checkpoint(p) is None), None)
+        if suspect is not None:
+            ckpts.mark_nonfinite(suspect, why, good)
+        return TrainingStopped(
+            f"{why}; the last good checkpoint is {good or 'none (none was saved before the losses went bad)'}"
+            f"{f' ({suspect.name} came right before them and is marked non-finite)' if suspect else ''}; "
+            "resume from it with a lower optim.lr, or check the data"
+        )
 
     stop = StopSignal()
-    bad_streak, last_ckpt_time, stopped_by = 0, time.time(), None
-    interval_t0, interval_tokens = time.time(), 0
+    last_ckpt_time, stopped_by, interval_t0, interval_tokens = time.time(), None, time.time(), 0
     loss_sum, loss_n = torch.zeros((), device=device), torch.zeros((), device=device)
     val_loss, done = None, start
     last_step = min(t.max_steps, start + t.steps_per_run) if t.steps_per_run else t.max_steps
     try:
         for step in range(start, last_step):
+            where.update(phase="a training step", step=step + 1)
             lr = lr_at(step, t.max_steps, cfg.optim)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -284,18 +287,12 @@ def train(cfg: Config) -> dict:
             tokens_seen += t.global_batch * seq
             interval_tokens += t.global_batch * seq
             log.advance()
+            guard.after_step(bad > 0)
             if bad:
-                skipped, bad_streak = skipped + 1, bad_streak + 1
-                log.print(f"step {done}: non-finite loss on some rank; step skipped ({bad_streak} in a row)")
-                if bad_streak >= t.max_bad_steps:
-                    last = ckpts.resolve("auto")
-                    raise TrainingStopped(
-                        f"{bad_streak} consecutive steps had a non-finite loss (up to step {done}); the last good "
-                        f"checkpoint is {last or 'none (no checkpoint was saved)'}; resume from it with a lower "
-                        "optim.lr or check the data"
-                    )
-            else:
-                bad_streak = 0
+                skipped += 1
+                log.print(f"step {done}: non-finite loss on some rank; step skipped ({guard.streak} in a row)")
+                if guard.exhausted:
+                    raise nonfinite_stop(f"{guard.streak} consecutive steps had a non-finite loss (up to step {done})")
             if logs_now:
                 elapsed = time.time() - interval_t0
                 tps = interval_tokens / elapsed
@@ -308,7 +305,7 @@ def train(cfg: Config) -> dict:
                     "train/skipped_steps": skipped,
                     "perf/tokens_per_s": tps,
                     "perf/step_time_s": elapsed * t.global_batch * seq / interval_tokens,
-                    "perf/mfu": flops_per_token * tps / (peak * env.world_size) if peak else 0.0,
+                    "perf/mfu": peak.mfu(flops_per_token * tps / env.world_size),
                 }
                 norm = engine.get_global_grad_norm() if cfg.deepspeed.stage > 0 else grad_norm
                 if norm is not None:
@@ -317,16 +314,26 @@ def train(cfg: Config) -> dict:
                 interval_t0, interval_tokens = time.time(), 0
                 loss_sum, loss_n = torch.zeros((), device=device), torch.zeros((), device=device)
             if val_windows is not None and ((t.eval_every and done % t.eval_every == 0) or done == t.max_steps):
+                where["phase"] = "evaluation"
                 val_loss = evaluate(engine, val_windows, cfg, env, device, tok.eos_id)
                 log.log(done, {"val/loss": val_loss, "val/ppl": float(np.exp(min(val_loss, 50.0)))})
             end_of_run = done == last_step
-            if (t.ckpt_every_steps and done % t.ckpt_every_steps == 0) or due or stop_now or end_of_run:
+            if not ((t.ckpt_every_steps and done % t.ckpt_every_steps == 0) or due or stop_now or end_of_run):
+                continue
+            if guard.in_streak:  # the weights are those of the suspect checkpoint: saving them again helps nobody
+                if end_of_run:
+                    raise nonfinite_stop(f"the run ended at step {done} in a streak of {guard.streak} non-finite steps")
+                log.print(f"step {done}: no checkpoint during a streak of non-finite losses")
+            elif not weights_finite(engine):
+                raise nonfinite_stop(f"the weights are not finite after step {done}")
+            else:
                 path = save(done)
                 last_ckpt_time = time.time()
-                if stop_now:
-                    stopped_by = stop.received or "a signal on another rank"
-                    log.print(f"stopped by {stopped_by} at step {done}; checkpoint saved to {path}")
-                    break
+            if stop_now:
+                stopped_by = stop.received or "a signal on another rank"
+                saved = f"checkpoint saved to {path}" if not guard.in_streak else "nothing saved (non-finite streak)"
+                log.print(f"stopped by {stopped_by} at step {done}; {saved}")
+                break
         sample = None
         finished = done == t.max_steps
         if env.rank == 0 and t.sample_tokens and cfg.deepspeed.stage < 3 and finished:
@@ -336,6 +343,7 @@ def train(cfg: Config) -> dict:
         stop.restore()
         log.close()
     return {
+        "outcome": "interrupted" if stopped_by else "finished" if done == t.max_steps else "paused",
         "step": done,
         "val_loss": val_loss,
         "tokens_seen": tokens_seen,
@@ -346,49 +354,17 @@ def train(cfg: Config) -> dict:
     }
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 USAGE = """usage: python -m llm.train [--cfg] [key=value | group=option ...]
 
 Groups: model (tiny gpt2-124m gpt2-350m gpt2-774m llama-1b llama-7b), data, optim (adamw wsd),
 deepspeed (zero0 zero1 zero2 zero3 zero3-offload), logger (wandb-offline wandb-online none),
-experiment (demo gpt2-124m gpt2-350m gpt2-774m llama-1b llama-7b). --cfg prints the resolved config."""
-
-
-def _all_keys(node, prefix="") -> list[str]:
-    out = []
-    for key, value in node.items():
-        out += _all_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
-    return out
-
-
-def load_config(overrides: list[str]) -> Config:
-    """Compose conf/config.yaml with the overrides; a bad override raises ConfigError in one line."""
-    import difflib
-
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    register()
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base=None):
-            return to_config(compose("config", overrides))
-    except (HydraException, OmegaConfBaseException) as e:
-        text = str(e).split("Config search path")[0]
-        first = text.splitlines()[0].strip()
-        options = [line.strip() for line in text.splitlines()[1:] if line.startswith("\t")]
-        cause = str(e.__cause__).splitlines()[0] if e.__cause__ else ""
-        message = " ".join(x for x in (first, cause, f"(options: {', '.join(options)})" if options else "") if x)
-        keys = _all_keys(OmegaConf.to_container(OmegaConf.structured(Config)))
-        bad = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-        close = [
-            m for b in bad if "." in b and b not in keys for m in difflib.get_close_matches(b, keys, n=1, cutoff=0.8)
-        ]
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise ConfigError(f"bad override: {message}{hint} (`python -m llm.train --cfg` prints every key)") from None
+experiment (demo gpt2-124m gpt2-350m gpt2-774m llama-1b llama-7b). --cfg prints the resolved config.
+Exit codes (also in <run_dir>/outcome/, read by `python -m llm.outcome`): 0 finished or paused, 1 crashed,
+2 bad input, 3 non-finite losses, 4 interrupted by a signal (checkpoint saved), 5 a rank died or hung."""
 
 
 def main(argv: list[str] | None = None) -> None:
+    started = time.time()
     args = list(sys.argv[1:] if argv is None else argv)
     for arg in [a for a in args if a.startswith("--local_rank")]:  # the deepspeed launcher passes --local_rank=N
         os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1] if "=" in arg else "0")
@@ -400,16 +376,42 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--cfg"]
     try:
         cfg = load_config(args)
-        if show:
-            print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-            return
-        train(cfg)
-    except (ConfigError, CheckpointError, ShardError, TokenizerError, CorpusError) as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if show:
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        return
+    env = D.detect()
+    recorder = Recorder(run_dir_of(cfg), env.rank, env.world_size, started)
+    try:
+        summary = train(cfg, recorder)
+    except BAD_INPUT as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = recorder.end("bad_input", str(e)) if _run_dir_ok(cfg) else 2
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(3)
+        code = recorder.end("nonfinite", str(e))
+    except RankFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = recorder.end("rank_failure", str(e))
+    except BaseException as e:  # a bug: record it, then let the traceback show
+        recorder.end("crashed", f"rank {env.rank}: {type(e).__name__}: {str(e).strip()[:300]}")
+        raise
+    else:
+        step, how = summary["step"], summary["outcome"]
+        messages = {
+            "finished": f"reached step {step}",
+            "paused": f"stopped after train.steps_per_run at step {step}; run again to continue",
+            "interrupted": f"stopped by {summary['stopped_by']} at step {step}; resume to continue",
+        }
+        code = recorder.end(how, messages[how], step)
+    sys.exit(code)
+
+
+def _run_dir_ok(cfg: Config) -> bool:
+    """Whether the settings that place the run directory are valid (a bad name must not decide where files go)."""
+    return all(isinstance(v, str) and RULES[k](v) is None for k, v in (("name", cfg.name), ("runs_dir", cfg.runs_dir)))
 
 
 if __name__ == "__main__":

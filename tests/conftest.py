@@ -75,3 +75,11 @@ def prepared_dir(tmp_path_factory, corpus_dir, tokenizer_dir) -> Path:
     )
     prepare(cfg, progress=False, verbose=False)
     return out
+
+
+@pytest.fixture
+def cfg_factory(tmp_path, prepared_dir, tokenizer_dir):
+    """make_cfg(...) for this test: cfg_factory(name, section={field: value, ...})."""
+    from helpers import make_cfg
+
+    return lambda name="run", **sections: make_cfg(tmp_path, prepared_dir, tokenizer_dir, name, **sections)

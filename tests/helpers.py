@@ -1,0 +1,37 @@
+"""Helpers shared by the training tests: a small, fast, deterministic config over the fixture dataset, and
+the per-step records of a run's metrics.jsonl."""
+
+from dataclasses import replace
+from pathlib import Path
+
+from llm.config import Config
+from llm.metrics import read_history
+
+
+def make_cfg(tmp_path: Path, prepared_dir: Path, tokenizer_dir: Path, name: str = "run", **sections) -> Config:
+    """A small, fast, deterministic run over the fixture dataset; `sections` override fields per section."""
+    cfg = Config(name=name, runs_dir=str(tmp_path / "runs"))
+    cfg.model = replace(cfg.model, n_layer=2, n_head=4, n_embd=32, max_seq_len=64)
+    cfg.data = replace(
+        cfg.data, paths=[str(prepared_dir)], tokenizer=str(tokenizer_dir), seq_len=32, prepare_if_missing=False
+    )
+    cfg.optim = replace(cfg.optim, lr=3e-3, warmup_steps=2)
+    cfg.train = replace(
+        cfg.train,
+        micro_batch=4,
+        global_batch=8,
+        max_steps=8,
+        eval_every=4,
+        eval_batches=2,
+        ckpt_every_steps=4,
+        sample_tokens=0,
+        deterministic=True,
+    )
+    cfg.logger = replace(cfg.logger, wandb=False, log_every=1)
+    for section, values in sections.items():
+        setattr(cfg, section, replace(getattr(cfg, section), **values))
+    return cfg
+
+
+def records(run_dir, key="train/loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_history(Path(run_dir) / "metrics.jsonl") if key in r}
