@@ -1,5 +1,8 @@
 """Packed windows: coverage, document ids, order, ranks, exact resume on another world size, mixtures."""
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 from conftest import make_docs
@@ -217,3 +220,19 @@ def test_bad_mixture_weights(prepared_dir, second_dir):
         open_windows([prepared_dir, second_dir], "train", L, weights=[1, 0])
     with pytest.raises(ValueError, match="one weight per source"):
         open_windows([prepared_dir, second_dir], "train", L, weights=[1])
+
+
+def test_the_data_cursor_follows_the_content_not_the_path(tmp_path, prepared_dir, second_dir):
+    ld = BatchLoader(open_windows([prepared_dir], "train", L, seed=0), 8, 4, EOS)
+    next(ld), next(ld)
+    state = ld.state_dict()
+    moved = tmp_path / "elsewhere" / "data"
+    shutil.copytree(prepared_dir, moved)
+    relative = os.path.relpath(moved)  # another spelling of the same place
+    for path in (moved, relative):
+        resumed = BatchLoader(open_windows([path], "train", L, seed=0), 8, 4, EOS)
+        resumed.load_state_dict(state)
+        assert resumed.samples == 8
+    other = BatchLoader(open_windows([second_dir], "train", L, seed=0), 8, 4, EOS)
+    with pytest.raises(ShardError, match="saved data cursor belongs to different data"):
+        other.load_state_dict(state)

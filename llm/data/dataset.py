@@ -19,6 +19,7 @@ be kept inside documents (the EOS closes its own document).
 from __future__ import annotations
 
 import bisect
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,14 +81,18 @@ class Permutation:
 class TokenStream:
     """One split of a prepared dataset: its shards, memory-mapped, read as one flat array."""
 
-    def __init__(self, arrays: list[np.ndarray], name: str = ""):
+    def __init__(self, arrays: list[np.ndarray], name: str = "", content: str = ""):
         self.arrays = arrays
         self.starts = np.cumsum([0] + [a.size for a in arrays]).tolist()
-        self.name = name
+        self.name = name  # for messages
+        self.content = content  # identifies the tokens, wherever the files are: a digest of the shards' sha256
 
     @classmethod
     def open(cls, directory: str | Path, split: str, tokenizer_sha256: str | None = None) -> TokenStream:
-        return cls(open_split(directory, split, tokenizer_sha256), name=f"{directory}:{split}")
+        arrays = open_split(directory, split, tokenizer_sha256)
+        shards = read_manifest(directory)["splits"][split]["shards"]
+        content = hashlib.sha256(" ".join(s["sha256"] for s in shards).encode()).hexdigest()
+        return cls(arrays, name=f"{directory}:{split}", content=content)
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -135,7 +140,9 @@ class PackedWindows:
             self.stream.read(w * self.seq_len, self.seq_len + 1, out[row])
 
     def signature(self) -> dict:
-        return {"stream": self.stream.name, "tokens": len(self.stream), "seq_len": self.seq_len, "seed": self.seed}
+        """What a saved data cursor must match to be resumed: the tokens (by content, not by path), the window
+        length and the order's seed."""
+        return {"content": self.stream.content, "tokens": len(self.stream), "seq_len": self.seq_len, "seed": self.seed}
 
 
 class Mixture:
