@@ -14,7 +14,6 @@ the ratio ours / plain. Results go to tools/results/bench_train_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from _results import write_json
 
 from llm.data.prepare import ensure_data
 from llm.data.tokenizer import Tokenizer
-from llm.metrics import device_peak_flops
+from llm.metrics import DevicePeak, read_history
 from llm.model import GPT
 from llm.train import load_config, train
 
@@ -111,12 +110,13 @@ def main(argv: list[str] | None = None) -> int:
             logger=replace(cfg.logger, wandb=False, log_every=args.interval),
         )
         out = train(run_cfg)
-        records = [json.loads(x) for x in (Path(out["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        records = read_history(Path(out["run_dir"]) / "metrics.jsonl")
     ours = [r["perf/step_time_s"] for r in records if "perf/step_time_s" in r][1:]
     mfu = statistics.median(r["perf/mfu"] for r in records if "perf/mfu" in r)
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
     ours_s, plain_s = statistics.median(ours), statistics.median(plain)
-    peak, peak_source = device_peak_flops(device, cfg.train.peak_tflops)
+    device_peak = DevicePeak(device, cfg.train.peak_tflops)  # as the run measured it (a CPU: measured again)
+    peak, peak_source = device_peak.flops, device_peak.source
     model_name = cfg.model.name
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
