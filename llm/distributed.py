@@ -63,11 +63,16 @@ def init(env: DistEnv, timeout_s: float = 300.0) -> torch.device:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(env.local_rank)
+    # DeepSpeed's own process groups (data parallel, ZeRO partitions) come from new_group() without a timeout,
+    # which takes torch's module default (30 minutes), not the one given to init: set that default as well.
+    timeout = datetime.timedelta(seconds=timeout_s)
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(
             dist_backend="nccl" if cuda else "gloo",
             auto_mpi_discovery=False,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
         )
     return torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
 

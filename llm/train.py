@@ -129,9 +129,21 @@ def check_resumable(meta: dict, cfg: Config, tok: Tokenizer, path: Path) -> None
             )
 
 
-def train(cfg: Config, recorder: Recorder | None = None) -> dict:
+def train(cfg: Config, recorder: Recorder | None = None, stop: StopSignal | None = None) -> dict:
     """Run (or resume) pretraining as configured; return a summary of the run. A collective that fails
-    because another rank died or hangs raises RankFailure naming this rank, the step and what it was doing."""
+    because another rank died or hangs raises RankFailure naming this rank, the step and what it was doing.
+    `stop` (default: one installed for this call) catches SIGUSR1/SIGTERM; the run saves and stops at the next
+    step boundary after one."""
+    own_stop = stop is None
+    stop = stop or StopSignal()
+    try:
+        return _start(cfg, recorder, stop)
+    finally:
+        if own_stop:
+            stop.restore()
+
+
+def _start(cfg: Config, recorder: Recorder | None, stop: StopSignal) -> dict:
     env = D.detect()
     validate(cfg, env.world_size, torch.cuda.is_available())
     device = D.init(env, cfg.train.collective_timeout_s)
@@ -141,7 +153,7 @@ def train(cfg: Config, recorder: Recorder | None = None) -> dict:
         recorder.start(launch[0])
     where = {"phase": "start-up", "step": 0}
     try:
-        return _train(cfg, env, device, where)
+        return _train(cfg, env, device, where, stop)
     except RuntimeError as e:
         if isinstance(e, (TrainingStopped, CheckpointError)) or not is_peer_failure(e):
             raise
@@ -153,7 +165,7 @@ def train(cfg: Config, recorder: Recorder | None = None) -> dict:
         ) from e
 
 
-def _train(cfg: Config, env: D.DistEnv, device, where: dict) -> dict:
+def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -> dict:
     t = cfg.train
     run_dir = run_dir_of(cfg)
 
@@ -255,7 +267,6 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict) -> dict:
             "resume from it with a lower optim.lr, or check the data"
         )
 
-    stop = StopSignal()
     last_ckpt_time, stopped_by, interval_t0, interval_tokens = time.time(), None, time.time(), 0
     loss_sum, loss_n = torch.zeros((), device=device), torch.zeros((), device=device)
     val_loss, done = None, start
@@ -340,7 +351,6 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict) -> dict:
             sample = sample_text(engine.module, tok, t.sample_tokens, t.seed, device)
             log.print("sample:\n" + sample)
     finally:
-        stop.restore()
         log.close()
     return {
         "outcome": "interrupted" if stopped_by else "finished" if done == t.max_steps else "paused",
@@ -384,8 +394,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     env = D.detect()
     recorder = Recorder(run_dir_of(cfg), env.rank, env.world_size, started)
+    # Signals are caught from here to the exit: a launcher that SIGTERMs the survivors of a failed rank must not
+    # kill one before it has recorded its outcome (a signal during start-up stops the run at its first step).
+    stop = StopSignal()
     try:
-        summary = train(cfg, recorder)
+        summary = train(cfg, recorder, stop)
     except BAD_INPUT as e:
         print(f"error: {e}", file=sys.stderr)
         code = recorder.end("bad_input", str(e)) if _run_dir_ok(cfg) else 2

@@ -1,0 +1,94 @@
+"""`python -m llm.train` with faults injected at exact moments, for the crash tests: the process kills itself
+with a real SIGKILL there. LLM_FAULT holds comma-separated `point:rank:step` entries (`slow` takes no rank or
+step):
+
+    save_start:R:S      rank R dies as it enters the checkpoint save of step S (before writing any file)
+    mid_shard:R:S       rank R dies half-way through writing its optimizer shard of step S
+    before_marker:0:S   rank 0 dies after every shard of step S is written, before COMPLETE.json
+    before_pointer:0:S  rank 0 dies after COMPLETE.json of step S, before `latest` is moved to it
+    slow                every step takes 0.2 s longer (so that a test can signal a run mid-way)
+"""
+
+import io
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.engine import DeepSpeedEngine
+
+import llm.checkpoint
+import llm.train
+
+
+def die() -> None:
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(point: str, rank: int, step: int) -> None:
+    tag = llm.checkpoint.tag_for(step)
+    mine = int(os.environ.get("RANK", "0")) == rank
+
+    if point == "save_start":
+        original = DeepSpeedEngine.save_checkpoint
+
+        def save_checkpoint(self, save_dir, tag=None, **kwargs):
+            if mine and tag == llm.checkpoint.tag_for(step):
+                die()
+            return original(self, save_dir, tag=tag, **kwargs)
+
+        DeepSpeedEngine.save_checkpoint = save_checkpoint
+    elif point == "mid_shard":
+        original = TorchCheckpointEngine.save
+
+        def save(self, state_dict, path):
+            if mine and f"/{tag}/" in str(path) and "optim_states" in str(path):
+                buffer = io.BytesIO()
+                torch.save(state_dict, buffer)
+                Path(path).write_bytes(buffer.getvalue()[: buffer.tell() // 2])
+                die()
+            return original(self, state_dict, path)
+
+        TorchCheckpointEngine.save = save
+    elif point in ("before_marker", "before_pointer"):
+        name = "atomic_write_json" if point == "before_marker" else "atomic_write"
+        original = getattr(llm.checkpoint, name)
+
+        def write(path, data):
+            target = Path(path)
+            hit = target.parent.name == tag if point == "before_marker" else data == tag.encode()
+            if mine and hit and target.name in (llm.checkpoint.MARKER, llm.checkpoint.POINTER):
+                die()
+            return original(path, data)
+
+        setattr(llm.checkpoint, name, write)
+    else:
+        raise SystemExit(f"unknown fault point {point!r}")
+
+
+def slow_down() -> None:
+    original = llm.train.lr_at
+
+    def lr_at(*args):
+        time.sleep(0.2)
+        return original(*args)
+
+    llm.train.lr_at = lr_at
+
+
+def main() -> None:
+    for entry in filter(None, os.environ.get("LLM_FAULT", "").split(",")):
+        if entry == "slow":
+            slow_down()
+            continue
+        point, rank, step = entry.split(":")
+        install(point, int(rank), int(step))
+    llm.train.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Real crashes and signals (2 ranks, torchrun or plain processes, gloo on CPU): a rank SIGKILLed at each
+moment of a checkpoint save, SIGKILLed mid-step, stopped with SIGSTOP, or sent SIGUSR1. Each time the job ends
+within a bounded time, the last checkpoint is intact, the outcome reaches the job script through
+`python -m llm.outcome` (torchrun itself only says 1), and a resume continues bitwise as if nothing happened."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from launch import (
+    ROOT,
+    WORKER,
+    environment,
+    free_port,
+    launch,
+    losses,
+    outcome,
+    overrides,
+    start,
+    wait_for_step,
+    worker_pids,
+)
+
+from llm.checkpoint import MARKER, check_checkpoint
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+COMMON = ("deepspeed=zero2", "train.max_steps=10", "train.ckpt_every_steps=2", "train.eval_every=5")
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, prepared_dir, tokenizer_dir):
+    """The uninterrupted 2-rank run every interrupted one must match, step for step."""
+    tmp = tmp_path_factory.mktemp("faults")
+    launch(overrides(tmp, prepared_dir, tokenizer_dir, "whole", *COMMON), nproc=2)
+    return losses(tmp, "whole"), losses(tmp, "whole", "val/loss")
+
+
+@pytest.fixture
+def args(tmp_path, prepared_dir, tokenizer_dir):
+    return lambda name, *extra: overrides(tmp_path, prepared_dir, tokenizer_dir, name, *COMMON, *extra)
+
+
+def test_a_rank_killed_at_any_moment_of_a_save_loses_nothing(tmp_path, args, whole):
+    ckpt = tmp_path / "runs" / "crashy" / "checkpoints"
+    for fault, step4_complete in [
+        ("save_start:1:4", False),  # before any file of step 4
+        ("mid_shard:1:4", False),  # half of rank 1's optimizer shard written
+        ("before_marker:0:4", False),  # every shard written, no COMPLETE.json
+        ("before_pointer:0:4", True),  # COMPLETE.json written, `latest` not moved yet
+    ]:
+        t0 = time.time()
+        r = launch(args("crashy"), nproc=2, check=False, fault=fault, timeout=120)
+        assert r.returncode == 1, r.stderr[-2000:]  # what torchrun makes of any failure
+        assert (ckpt / "latest").read_text() == "step_00000002" and check_checkpoint(ckpt / "step_00000002") is None
+        assert (ckpt / "step_00000004" / MARKER).is_file() == step4_complete, fault
+        killed = 1 if fault.split(":")[1] == "1" else 0
+        o = outcome(tmp_path, "crashy", since=t0)
+        assert o.returncode == 5 and o.stdout.startswith(f"rank_failure: rank {killed} ("), (fault, o.stdout)
+        assert "died without recording an outcome" in o.stdout
+    launch(args("crashy"), nproc=2)
+    assert (losses(tmp_path, "crashy"), losses(tmp_path, "crashy", "val/loss")) == whole
+
+
+def test_sigusr1_to_one_rank_and_sigkill_mid_step(tmp_path, args, whole):
+    run = tmp_path / "runs" / "signalled"
+    proc = start(args("signalled"), nproc=2, fault="slow", log=tmp_path / "first.log")
+    t0 = time.time()
+    wait_for_step(tmp_path, "signalled", 3, proc)
+    os.kill(worker_pids(proc.pid)[1], signal.SIGUSR1)  # to rank 1 only
+    assert proc.wait(timeout=60) == 1
+    o = outcome(tmp_path, "signalled", since=t0)
+    assert o.returncode == 4 and o.stdout.startswith("interrupted: stopped by "), o.stdout
+    saved = (run / "checkpoints" / "latest").read_text()
+    step = int(saved.split("_")[1])
+    assert f"at step {step}; resume to continue" in o.stdout
+    files = {p.name for p in (run / "checkpoints" / saved).iterdir()}
+    assert {MARKER, "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
+
+    proc = start(args("signalled"), nproc=2, fault="slow", log=tmp_path / "second.log")
+    t0 = time.time()
+    wait_for_step(tmp_path, "signalled", step + 2, proc)
+    os.kill(worker_pids(proc.pid)[0], signal.SIGKILL)
+    killed_at = time.time()
+    assert proc.wait(timeout=60) == 1
+    assert time.time() - killed_at < 20  # the survivor's next collective fails at once; torchrun then exits
+    o = outcome(tmp_path, "signalled", since=t0)
+    assert o.returncode == 5 and o.stdout.startswith("rank_failure: rank 0 ("), o.stdout
+    assert check_checkpoint(run / "checkpoints" / (run / "checkpoints" / "latest").read_text()) is None
+
+    launch(args("signalled"), nproc=2)
+    assert (losses(tmp_path, "signalled"), losses(tmp_path, "signalled", "val/loss")) == whole
+
+
+def test_a_hung_rank_ends_the_job_within_the_collective_timeout(tmp_path, args):
+    # two processes started directly, as srun starts them (no launcher in between to notice anything)
+    port, timeout_s = free_port(), 5
+    procs = []
+    for rank in (0, 1):
+        env = {**environment("slow"), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cmd = [sys.executable, WORKER, *args("hung", f"train.collective_timeout_s={timeout_s}")]
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, **quiet))
+    try:
+        wait_for_step(tmp_path, "hung", 2, procs[0])
+        procs[1].send_signal(signal.SIGSTOP)
+        stopped_at = time.time()
+        _, err = procs[0].communicate(timeout=60)
+        waited = time.time() - stopped_at
+    finally:
+        procs[1].kill()  # what srun or torchrun does to the other tasks once one has failed
+        procs[1].wait()
+    assert procs[0].returncode == 5
+    assert timeout_s <= waited < timeout_s + 10, waited
+    line = next(x for x in err.splitlines() if x.startswith("error: rank 0 of 2: a collective failed during"))
+    assert f"(Timed out waiting {timeout_s * 1000}ms" in line and "another rank died or hangs" in line
+    o = outcome(tmp_path, "hung")
+    assert o.returncode == 5 and o.stdout.startswith("rank_failure: rank 1 ("), o.stdout  # names the hung rank
+
+
+@pytest.mark.parametrize(
+    "extra, code, start",
+    [
+        (["optim.lr=1e30"], 3, "nonfinite: 5 consecutive steps had a non-finite loss"),
+        (["train.global_batch=12"], 2, "bad_input: train.global_batch: 12 is not divisible"),
+        (["data.paths=[/nonexistent/data]"], 2, "bad_input: data directory does not exist: /nonexistent/data"),
+        (["train.steps_per_run=3"], 0, "paused: stopped after train.steps_per_run at step 3"),
+        ([], 0, "finished: reached step 10"),
+    ],
+)
+def test_the_outcome_reaches_the_job_script_through_torchrun(tmp_path, args, extra, code, start):
+    t0 = time.time()
+    r = launch(args("coded", *extra), nproc=2, check=False)
+    assert r.returncode == (1 if code else 0)  # torchrun's own code says only "failed"
+    o = outcome(tmp_path, "coded", since=t0)
+    assert o.returncode == code and o.stdout.startswith(start), o.stdout
