@@ -213,7 +213,9 @@ class Checkpoints:
     def set_aside(self) -> Path | None:
         """Rank 0 moves an existing checkpoints directory to checkpoints.superseded-<UTC time> (a run started
         over with resume=none keeps its old checkpoints, unmixed with the new ones); returns the new name."""
-        if not self.tags() and not (self.dir / POINTER).exists():
+        exists = bool(self.tags()) or (self.dir / POINTER).exists()
+        _barrier()  # every rank has looked before rank 0 moves anything
+        if not exists:
             return None
         moved = self.dir.with_name(f"{self.dir.name}.superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
         if self.rank == 0:

@@ -58,7 +58,7 @@ def init(env: DistEnv, timeout_s: float = 300.0) -> torch.device:
     e = os.environ
     e.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
     e.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in e:
+    if "MASTER_PORT" not in e:  # DeepSpeed reads it even when the process group needs none
         e["MASTER_PORT"] = str(_free_port())
     cuda = torch.cuda.is_available()
     if cuda:
@@ -68,12 +68,12 @@ def init(env: DistEnv, timeout_s: float = 300.0) -> torch.device:
     timeout = datetime.timedelta(seconds=timeout_s)
     c10d = torch.distributed.distributed_c10d
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    backend = "nccl" if cuda else "gloo"
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend="nccl" if cuda else "gloo",
-            auto_mpi_discovery=False,
-            timeout=timeout,
-        )
+        if env.world_size == 1:  # one process needs no rendezvous: no port to find free, none to collide on
+            store = torch.distributed.HashStore()
+            torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     return torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
 
 

@@ -4,7 +4,7 @@ or by srun. DeepSpeed is always the engine (gloo on CPU).
 The loop, top to bottom: set the LR, run the micro-batches (forward, backward), step (skipped if any rank
 saw a non-finite loss), log, evaluate, checkpoint (on schedule, or at the next step boundary after
 SIGUSR1/SIGTERM, then exit). Run directory <runs_dir>/<name>: config.yaml, deepspeed.json, metrics.jsonl,
-checkpoints/, wandb/.
+checkpoints/, outcome/, wandb/. The process exits with the code of its outcome (llm/outcome.py).
 """
 
 from __future__ import annotations
@@ -130,39 +130,40 @@ def check_resumable(meta: dict, cfg: Config, tok: Tokenizer, path: Path) -> None
 
 
 def train(cfg: Config, recorder: Recorder | None = None, stop: StopSignal | None = None) -> dict:
-    """Run (or resume) pretraining as configured; return a summary of the run. A collective that fails
-    because another rank died or hangs raises RankFailure naming this rank, the step and what it was doing.
-    `stop` (default: one installed for this call) catches SIGUSR1/SIGTERM; the run saves and stops at the next
-    step boundary after one."""
-    own_stop = stop is None
-    stop = stop or StopSignal()
-    try:
-        return _start(cfg, recorder, stop)
-    finally:
-        if own_stop:
-            stop.restore()
-
-
-def _start(cfg: Config, recorder: Recorder | None, stop: StopSignal) -> dict:
+    """Run (or resume) pretraining as configured; return a summary of the run. `stop` (default: one installed
+    for this call) catches SIGUSR1/SIGTERM: the run saves and stops at the next step boundary after one. A
+    collective that fails because another rank died or hangs raises RankFailure naming this rank, the step
+    and what it was doing."""
     env = D.detect()
     validate(cfg, env.world_size, torch.cuda.is_available())
-    device = D.init(env, cfg.train.collective_timeout_s)
-    launch = [uuid.uuid4().hex[:12]]
-    dist.broadcast_object_list(launch, src=0)  # one id on every rank: which outcome records belong together
-    if recorder is not None:
-        recorder.start(launch[0])
+    own_stop, stop = stop is None, stop or StopSignal()
     where = {"phase": "start-up", "step": 0}
     try:
+        device = D.init(env, cfg.train.collective_timeout_s)
+        launch = [uuid.uuid4().hex[:12]]
+        dist.broadcast_object_list(launch, src=0)  # one id on every rank: which outcome records belong together
+        if recorder is not None:
+            recorder.start(launch[0])
+        where["phase"] = "data preparation"
         return _train(cfg, env, device, where, stop)
     except RuntimeError as e:
         if isinstance(e, (TrainingStopped, CheckpointError)) or not is_peer_failure(e):
             raise
         reason = re.sub(r"^\[[^\]]*\] ", "", str(e).strip().splitlines()[0])[:200]
+        who = f"rank {env.rank} of {env.world_size}"
+        if where["phase"] == "start-up":
+            raise RankFailure(
+                f"{who}: the process group did not start ({reason}); check MASTER_ADDR:MASTER_PORT "
+                f"({os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}) and that every rank was started"
+            ) from e
         raise RankFailure(
-            f"rank {env.rank} of {env.world_size}: a collective failed during {where['phase']} at step "
-            f"{where['step']} ({reason}); another rank died or hangs (train.collective_timeout_s="
-            f"{cfg.train.collective_timeout_s:g}); the last checkpoint is intact, resume to continue"
+            f"{who}: a collective failed during {where['phase']} at step {where['step']} ({reason}); another "
+            f"rank died or hangs (train.collective_timeout_s={cfg.train.collective_timeout_s:g}); the last "
+            "checkpoint is intact, resume to continue"
         ) from e
+    finally:
+        if own_stop:
+            stop.restore()
 
 
 def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -> dict:

@@ -138,3 +138,13 @@ def test_the_outcome_reaches_the_job_script_through_torchrun(tmp_path, args, ext
     assert r.returncode == (1 if code else 0)  # torchrun's own code says only "failed"
     o = outcome(tmp_path, "coded", since=t0)
     assert o.returncode == code and o.stdout.startswith(start), o.stdout
+
+
+def test_a_rank_that_never_arrives_fails_the_start_within_the_timeout(tmp_path, args):
+    env = {**environment(), "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    cmd = [sys.executable, "-m", "llm.train", *args("alone", "train.collective_timeout_s=3")]
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 5 and time.time() - t0 < 60, r.stderr[-2000:]
+    assert "error: rank 0 of 2: the process group did not start (" in r.stderr and "Traceback" not in r.stderr
