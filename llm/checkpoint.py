@@ -28,6 +28,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from llm.data.files import atomic_write, atomic_write_json
+from llm.distributed import on_rank0
 from llm.ds_patches import repair_zero3_universal_load
 
 FORMAT = "llm-checkpoint/2"
@@ -133,8 +134,9 @@ class Checkpoints:
         directory) is never pruned."""
         tag = tag_for(step)
         tag_dir = self.dir / tag
-        if self.rank == 0 and tag_dir.exists():  # a leftover of an interrupted save of this same step
-            shutil.rmtree(tag_dir)
+        if self.rank == 0:  # leftovers of an earlier save of this same step, and its universal form
+            shutil.rmtree(tag_dir, ignore_errors=True)
+            shutil.rmtree(self.dir / "universal" / tag, ignore_errors=True)
         _barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
         _barrier()
@@ -197,7 +199,7 @@ class Checkpoints:
             problem = check_checkpoint(path)
             if problem is None:
                 return path
-            if (path / MARKER).is_file():
+            if (path / MARKER).is_file() or path.name == tag:  # `latest` moves only after COMPLETE.json is written
                 skipped.append(f"{path.name}: {problem}")
                 self.say(f"skipping checkpoint {path.name}: {problem}")
         if skipped:
@@ -210,19 +212,18 @@ class Checkpoints:
             self.say(f"{self.dir} holds only interrupted saves ({names}), no checkpoint: starting from step 0")
         return None
 
-    def set_aside(self) -> Path | None:
-        """Rank 0 moves an existing checkpoints directory to checkpoints.superseded-<UTC time> (a run started
-        over with resume=none keeps its old checkpoints, unmixed with the new ones); returns the new name."""
-        exists = bool(self.tags()) or (self.dir / POINTER).exists()
-        _barrier()  # every rank has looked before rank 0 moves anything
-        if not exists:
-            return None
-        moved = self.dir.with_name(f"{self.dir.name}.superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-        if self.rank == 0:
-            os.replace(self.dir, moved)
-            self.say(f"resume=none: moved the existing checkpoints to {moved}")
-        _barrier()
-        return moved
+    def set_aside(self) -> None:
+        """Move an existing checkpoints directory to checkpoints.superseded-<UTC time> (rank 0, while the others
+        wait): a run started over with resume=none keeps its old checkpoints, unmixed with the new ones."""
+
+        def move() -> None:
+            if self.tags() or (self.dir / POINTER).exists():
+                stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+                moved = self.dir.with_name(f"{self.dir.name}.superseded-{stamp}")
+                os.replace(self.dir, moved)
+                self.say(f"resume=none: moved the existing checkpoints to {moved}")
+
+        on_rank0(move, (OSError,))
 
     def mark_nonfinite(self, tag_dir: Path, reason: str, good: Path | None) -> None:
         """Rank 0 marks a checkpoint whose weights led to non-finite losses (so `auto` never resumes it) and
@@ -247,27 +248,37 @@ class Checkpoints:
 
     def universal(self, tag_dir: Path) -> Path:
         """DeepSpeed's universal form of a checkpoint (made once, by rank 0): loadable on any number of ranks.
-        The engine must be created with {"checkpoint": {"load_universal": true}} to load it."""
+        The engine must be created with {"checkpoint": {"load_universal": true}} to load it. A conversion is
+        reused only if made from this very checkpoint (its COMPLETE.json's sha256), never from an older save
+        of the same step or another run's checkpoint of the same name."""
         out = self.dir / "universal" / tag_dir.name
-        if self.rank == 0 and not (out / MARKER).is_file():
-            shutil.rmtree(out, ignore_errors=True)
-            cmd = [
-                sys.executable,
-                "-m",
-                "deepspeed.checkpoint.ds_to_universal",
-                "--input_folder",
-                str(tag_dir),
-                "--output_folder",
-                str(out),
-                "--inject_missing_state",
-            ]
-            r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            if r.returncode != 0:
-                tail = r.stderr.strip().splitlines()[-1:] or ["no output"]
-                raise CheckpointError(f"converting {tag_dir} to a universal checkpoint failed: {tail[0]}")
-            atomic_write_json(out / MARKER, {"from": str(tag_dir), "files": {}})
-        _barrier()
+        source = sha256_of(tag_dir / MARKER)
+        on_rank0(lambda: self._convert(tag_dir, out, source), (CheckpointError, OSError))
         return out
+
+    @staticmethod
+    def _convert(tag_dir: Path, out: Path, source: str) -> None:
+        try:
+            if json.loads((out / MARKER).read_text())["source_marker_sha256"] == source:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(tag_dir),
+            "--output_folder",
+            str(out),
+            "--inject_missing_state",
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if r.returncode != 0:
+            tail = r.stderr.strip().splitlines()[-1:] or ["no output"]
+            raise CheckpointError(f"converting {tag_dir} to a universal checkpoint failed: {tail[0]}")
+        atomic_write_json(out / MARKER, {"from": str(tag_dir), "source_marker_sha256": source})
 
     def load(self, engine, tag_dir: Path, world_size: int, zero_stage: int) -> dict:
         """Load engine state (module, optimizer) and return the client state. A checkpoint from another number

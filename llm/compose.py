@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from llm.config import Config, ConfigError, register, to_config
+from llm.config import RULES, Config, ConfigError, register, to_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -47,3 +47,13 @@ def load_config(overrides: list[str]) -> Config:
 
 def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.runs_dir) / cfg.name
+
+
+def run_dir_problem(cfg: Config) -> str | None:
+    """What is wrong with the settings that place the run directory (a bad name must not decide where files
+    go), or None."""
+    for key, value in (("name", cfg.name), ("runs_dir", cfg.runs_dir)):
+        problem = "expected a string" if not isinstance(value, str) else RULES[key](value)
+        if problem:
+            return f"{key}: {problem}"
+    return None

@@ -19,6 +19,11 @@ from llm.config import Config
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first `import deepspeed`
 
+# Work that rank 0 does alone while the others wait (preparing the demo's data, converting a checkpoint to the
+# universal format) can outlast the collective timeout; the others wait for it on a side group up to this long.
+SOLO_TIMEOUT_S = 2 * 3600
+_solo_group = None
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -74,7 +79,26 @@ def init(env: DistEnv, timeout_s: float = 300.0) -> torch.device:
             store = torch.distributed.HashStore()
             torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+    global _solo_group
+    if env.world_size > 1 and _solo_group is None:
+        _solo_group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=SOLO_TIMEOUT_S))
     return torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
+
+
+def on_rank0(fn, errors: tuple[type[BaseException], ...]) -> None:
+    """Run fn on rank 0 while the other ranks wait (up to SOLO_TIMEOUT_S); an error of the given types there
+    is raised on every rank, so no rank is left waiting and every rank reports the same problem."""
+    dist = torch.distributed
+    error = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            fn()
+        except errors as e:
+            error = [e]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(error, src=0, group=_solo_group)
+    if error[0] is not None:
+        raise error[0]
 
 
 def resolve_precision(requested: str) -> str:

@@ -64,11 +64,12 @@ def weights_finite(engine) -> bool:
     return bool(ok.item())
 
 
-_PEER_SIGNS = ("Timed out", "timed out", "Connection reset", "Connection closed", "Broken pipe", "NCCL")
+# What gloo says when a peer died or a collective ran out of time (NCCL's watchdog raises DistBackendError).
+_PEER_SIGNS = ("Timed out waiting", "Connection reset by peer", "Connection closed by peer", "Broken pipe")
 
 
 def is_peer_failure(e: BaseException) -> bool:
-    """Whether an exception is a failed collective (gloo/NCCL: a peer died, hangs, or the network broke)."""
+    """Whether an exception is a failed collective: another rank died or hangs, or the network broke."""
     dist_error = getattr(dist, "DistError", ())
     return isinstance(e, dist_error) or (isinstance(e, RuntimeError) and any(s in str(e) for s in _PEER_SIGNS))
 

@@ -125,16 +125,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="the run's Hydra overrides (to find its run directory)")
     args = parser.parse_args(argv)
     run_dir = args.run_dir
-    if run_dir is None:
+    if run_dir is None:  # the overrides fail here as they failed the training (neither leaves a record)
+        from llm.compose import load_config, run_dir_of, run_dir_problem
         from llm.config import ConfigError
-        from llm.train import load_config
 
         try:
             cfg = load_config(args.overrides)
+            problem = run_dir_problem(cfg)
         except ConfigError as e:
-            print(f"bad_input: {e}", file=sys.stderr)
+            problem = str(e)
+        if problem:
+            print(f"bad_input: {problem}")
             sys.exit(CODES["bad_input"])
-        run_dir = Path(cfg.runs_dir) / cfg.name
+        run_dir = run_dir_of(cfg)
     code, line = summarize(run_dir, args.since)
     print(line)
     sys.exit(code)

@@ -24,9 +24,9 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from llm import distributed as D
-from llm.checkpoint import CheckpointError, Checkpoints, check_checkpoint
-from llm.compose import load_config, run_dir_of
-from llm.config import RULES, Config, ConfigError, validate
+from llm.checkpoint import CheckpointError, Checkpoints, check_checkpoint, tag_for
+from llm.compose import load_config, run_dir_of, run_dir_problem
+from llm.config import Config, ConfigError, validate
 from llm.data.corpus import CorpusError
 from llm.data.dataset import BatchLoader, open_windows
 from llm.data.prepare import ensure_data
@@ -40,19 +40,6 @@ from llm.outcome import Recorder
 from llm.rng import rng_state, seed_everything, set_rng_state
 
 BAD_INPUT = (ConfigError, CheckpointError, ShardError, TokenizerError, CorpusError)
-
-
-def on_rank0(fn, rank: int) -> None:
-    """Run fn on rank 0 while the others wait; an error there is raised on every rank (no rank hangs)."""
-    error = [None]
-    if rank == 0:
-        try:
-            fn()
-        except (*BAD_INPUT, OSError) as e:
-            error = [e]
-    dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise error[0]
 
 
 def all_max(values: list[float], device) -> list[float]:
@@ -174,7 +161,7 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
         run_dir.mkdir(parents=True, exist_ok=True)
         ensure_data(cfg.data)
 
-    on_rank0(prepare_on_rank0, env.rank)
+    D.on_rank0(prepare_on_rank0, (*BAD_INPUT, OSError))
     tok = Tokenizer.load(cfg.data.tokenizer)
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -235,7 +222,6 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
     guard = NonFiniteGuard(t.max_bad_steps, resume_from)
 
     def save(step: int) -> Path:
-        where["phase"] = "checkpoint save"
         ranks_rng = [None] * env.world_size
         dist.all_gather_object(ranks_rng, rng_state())
         client = {
@@ -255,13 +241,19 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
         guard.saved(path)
         return path
 
-    def nonfinite_stop(why: str) -> TrainingStopped:
-        """Mark the checkpoint the non-finite losses followed and name the newest one before it."""
-        suspect = guard.unproven
-        older = [p for p in ckpts.tags() if suspect is None or p.name < suspect.name]
-        good = next((p for p in older if check_checkpoint(p) is None), None)
+    def retreat(why: str) -> tuple[Path | None, Path | None]:
+        """Stopping in a non-finite streak: mark this run's checkpoint that the streak followed (so no resume
+        picks it) and point `latest` at the newest checkpoint before it. Returns (good, suspect)."""
+        where["phase"] = "checkpoint verification"
+        suspect = guard.unproven if guard.unproven is not None and guard.unproven.parent == ckpts.dir else None
+        newest = suspect.name if suspect else tag_for(done + 1)
+        good = next((p for p in ckpts.tags() if p.name < newest and check_checkpoint(p) is None), None)
         if suspect is not None:
             ckpts.mark_nonfinite(suspect, why, good)
+        return good, suspect
+
+    def nonfinite_stop(why: str) -> TrainingStopped:
+        good, suspect = retreat(why)
         return TrainingStopped(
             f"{why}; the last good checkpoint is {good or 'none (none was saved before the losses went bad)'}"
             f"{f' ({suspect.name} came right before them and is marked non-finite)' if suspect else ''}; "
@@ -332,29 +324,32 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
             end_of_run = done == last_step
             if not ((t.ckpt_every_steps and done % t.ckpt_every_steps == 0) or due or stop_now or end_of_run):
                 continue
-            if guard.in_streak:  # the weights are those of the suspect checkpoint: saving them again helps nobody
+            where["phase"] = "checkpoint save"
+            if guard.in_streak:  # the weights are those the streak started from: saving them again helps nobody
                 if end_of_run:
                     raise nonfinite_stop(f"the run ended at step {done} in a streak of {guard.streak} non-finite steps")
-                log.print(f"step {done}: no checkpoint during a streak of non-finite losses")
+                if stop_now:
+                    good, _ = retreat(f"stopped by a signal at step {done} in a streak of non-finite losses")
+                    saved = f"nothing saved in a non-finite streak; the last good checkpoint is {good or 'none'}"
+                else:
+                    log.print(f"step {done}: no checkpoint during a streak of non-finite losses")
             elif not weights_finite(engine):
                 raise nonfinite_stop(f"the weights are not finite after step {done}")
             else:
-                path = save(done)
+                saved = f"checkpoint saved to {save(done)}"
                 last_ckpt_time = time.time()
             if stop_now:
                 stopped_by = stop.received or "a signal on another rank"
-                saved = f"checkpoint saved to {path}" if not guard.in_streak else "nothing saved (non-finite streak)"
                 log.print(f"stopped by {stopped_by} at step {done}; {saved}")
                 break
         sample = None
-        finished = done == t.max_steps
-        if env.rank == 0 and t.sample_tokens and cfg.deepspeed.stage < 3 and finished:
+        if env.rank == 0 and t.sample_tokens and cfg.deepspeed.stage < 3 and done == t.max_steps:
             sample = sample_text(engine.module, tok, t.sample_tokens, t.seed, device)
             log.print("sample:\n" + sample)
     finally:
         log.close()
     return {
-        "outcome": "interrupted" if stopped_by else "finished" if done == t.max_steps else "paused",
+        "outcome": "finished" if done == t.max_steps else "interrupted" if stopped_by else "paused",
         "step": done,
         "val_loss": val_loss,
         "tokens_seen": tokens_seen,
@@ -362,6 +357,8 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
         "stopped_by": stopped_by,
         "run_dir": str(run_dir),
         "sample": sample,
+        "peak_flops": peak.flops,
+        "peak_source": peak.source,
     }
 
 
@@ -402,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         summary = train(cfg, recorder, stop)
     except BAD_INPUT as e:
         print(f"error: {e}", file=sys.stderr)
-        code = recorder.end("bad_input", str(e)) if _run_dir_ok(cfg) else 2
+        code = 2 if run_dir_problem(cfg) else recorder.end("bad_input", str(e))
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         code = recorder.end("nonfinite", str(e))
@@ -421,11 +418,6 @@ def main(argv: list[str] | None = None) -> None:
         }
         code = recorder.end(how, messages[how], step)
     sys.exit(code)
-
-
-def _run_dir_ok(cfg: Config) -> bool:
-    """Whether the settings that place the run directory are valid (a bad name must not decide where files go)."""
-    return all(isinstance(v, str) and RULES[k](v) is None for k, v in (("name", cfg.name), ("runs_dir", cfg.runs_dir)))
 
 
 if __name__ == "__main__":

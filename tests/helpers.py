@@ -1,5 +1,5 @@
 """Helpers shared by the training tests: a small, fast, deterministic config over the fixture dataset, and
-the per-step records of a run's metrics.jsonl."""
+the per-step records of a run's metrics.jsonl, and a way to damage a file without changing its size."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -35,3 +35,11 @@ def make_cfg(tmp_path: Path, prepared_dir: Path, tokenizer_dir: Path, name: str 
 
 def records(run_dir, key="train/loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in read_history(Path(run_dir) / "metrics.jsonl") if key in r}
+
+
+def flip_bytes(path: Path, n: int = 4096) -> None:
+    """Damage a file without changing its size: invert n bytes in its middle."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2 - n // 2
+    data[mid : mid + n] = bytes(b ^ 0xFF for b in data[mid : mid + n])
+    path.write_bytes(bytes(data))

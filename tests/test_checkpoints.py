@@ -4,24 +4,15 @@ as an undamaged run; with none intact it stops instead of starting over; history
 
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
-from helpers import make_cfg, records
+from helpers import flip_bytes, make_cfg, records
 
 from llm.checkpoint import MARKER, CheckpointError, Checkpoints
 from llm.train import train
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 OPTIM_FILE = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-
-
-def flip_bytes(path: Path, n: int = 4096) -> None:
-    """Damage a file without changing its size: invert n bytes in its middle."""
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2 - n // 2
-    data[mid : mid + n] = bytes(b ^ 0xFF for b in data[mid : mid + n])
-    path.write_bytes(bytes(data))
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +71,10 @@ DAMAGE = {
         4,
         f"{OPTIM_FILE} does not match its sha256 (damaged)",
     ),
-    "a checkpoint without COMPLETE.json": (
+    "COMPLETE.json deleted from the checkpoint `latest` names": (
         lambda c: (c / "step_00000006" / MARKER).unlink(),
         4,
-        "",  # an interrupted save, not a checkpoint: passed over without a word
+        "skipping checkpoint step_00000006: {}/step_00000006 is incomplete (no COMPLETE.json",
     ),
 }
 
@@ -123,9 +114,11 @@ def test_no_intact_checkpoint_stops_the_run_and_resume_none_keeps_everything(run
 
 
 def test_only_interrupted_saves_start_from_step_zero(runs, capsys):
+    # a run killed during its first save: directories without COMPLETE.json and no `latest`
     cfg, ckpt = damaged_copy(runs, "interrupted")
     for marker in ckpt.glob(f"step_*/{MARKER}"):
         marker.unlink()
+    (ckpt / "latest").unlink()
     out = train(cfg)
     assert "holds only interrupted saves (step_00000006, step_00000004, step_00000002), no checkpoint: starting" in (
         capsys.readouterr().err
@@ -143,3 +136,13 @@ def test_an_unfinished_attempt_leaves_its_rows_in_the_history_file(runs):
     assert len(loss_rows) == 6 + 4  # steps 1-6 of the first attempt, 5-8 of the second
     assert sum('"event": "start"' in line for line in lines) == 2
     assert Checkpoints(ckpt).resolve("auto").name == "step_00000008"
+
+
+def test_a_universal_conversion_is_never_reused_for_another_save_of_the_same_step(runs):
+    cfg, ckpt = damaged_copy(runs, "universal")
+    ckpts = Checkpoints(ckpt)
+    converted = ckpts.universal(ckpt / "step_00000004")
+    assert (converted / MARKER).is_file()
+    assert ckpts.universal(ckpt / "step_00000004") == converted  # the same checkpoint: reused
+    train(replace(cfg, resume=str(ckpt / "step_00000002")))  # saves step 4 again (other bytes: another run's RNG)
+    assert not converted.exists()

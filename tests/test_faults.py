@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from helpers import flip_bytes
 from launch import (
     ROOT,
     WORKER,
@@ -91,7 +92,12 @@ def test_sigusr1_to_one_rank_and_sigkill_mid_step(tmp_path, args, whole):
     assert o.returncode == 5 and o.stdout.startswith("rank_failure: rank 0 ("), o.stdout
     assert check_checkpoint(run / "checkpoints" / (run / "checkpoints" / "latest").read_text()) is None
 
-    launch(args("signalled"), nproc=2)
+    # damage the newest checkpoint in the file rank 1 hashes (the sorted files are shared out rank by rank):
+    # both ranks must agree to skip it, and the run continues from the one before
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text()
+    flip_bytes(latest / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    r = launch(args("signalled"), nproc=2)
+    assert f"skipping checkpoint {latest.name}: " in r.stderr and "does not match its sha256" in r.stderr
     assert (losses(tmp_path, "signalled"), losses(tmp_path, "signalled", "val/loss")) == whole
 
 

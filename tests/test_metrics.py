@@ -21,6 +21,8 @@ from llm.metrics import DevicePeak, gpu_peak, read_history
         ("NVIDIA A100-SXM4-80GB", 312.0, "A100 (40 GB and 80 GB)"),
         ("NVIDIA A100-PCIE-40GB", 312.0, "A100 (40 GB and 80 GB)"),
         ("NVIDIA L40S", 362.05, "L40S"),
+        ("NVIDIA L40", 181.05, "L40"),
+        ("NVIDIA L4", 121.0, "L4"),
         ("NVIDIA B200", 2250.0, "B200"),
     ],
 )

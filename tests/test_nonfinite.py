@@ -2,6 +2,8 @@
 streak stops the run naming a checkpoint that resumes to finite losses, and no checkpoint holds bad weights."""
 
 import math
+import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -145,3 +147,25 @@ def test_non_finite_weights_are_never_saved(cfg_factory, monkeypatch):
     ckpt = run_dir(cfg) / "checkpoints"
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000002"]
     assert (ckpt / "step_00000002" / MARKER).is_file() and Checkpoints(ckpt).resolve("auto").name == "step_00000002"
+
+
+def test_a_signal_during_a_streak_saves_nothing_and_resumes_from_before_it(cfg_factory, monkeypatch):
+    clean = train(cfg_factory("clean", train={"max_steps": 8, "ckpt_every_steps": 2}))
+    poison_forward(monkeypatch, set(range(8, 100)))  # every step from 5 on
+    original = train_mod.lr_at
+
+    def lr_and_signal(step, *args):
+        if step == 5:  # the 6th step, the 2nd of the streak
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(step, *args)
+
+    monkeypatch.setattr(train_mod, "lr_at", lr_and_signal)
+    cfg = cfg_factory(train={"max_steps": 8, "ckpt_every_steps": 2})
+    out = train(cfg)
+    assert out["outcome"] == "interrupted" and out["step"] == 6
+    ckpt = run_dir(cfg) / "checkpoints"
+    assert (ckpt / "step_00000004" / SUSPECT).is_file() and (ckpt / POINTER).read_text() == "step_00000002"
+    assert not (ckpt / "step_00000006").exists()
+    monkeypatch.undo()
+    resumed = train(cfg)  # the requeued job: from step 2, as if the streak had never been
+    assert records(resumed["run_dir"]) == records(clean["run_dir"])

@@ -27,7 +27,7 @@ from _results import write_json
 
 from llm.data.prepare import ensure_data
 from llm.data.tokenizer import Tokenizer
-from llm.metrics import DevicePeak, read_history
+from llm.metrics import read_history
 from llm.model import GPT
 from llm.train import load_config, train
 
@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     mfu = statistics.median(r["perf/mfu"] for r in records if "perf/mfu" in r)
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
     ours_s, plain_s = statistics.median(ours), statistics.median(plain)
-    device_peak = DevicePeak(device, cfg.train.peak_tflops)  # as the run measured it (a CPU: measured again)
-    peak, peak_source = device_peak.flops, device_peak.source
+    peak, peak_source = out["peak_flops"], out["peak_source"]  # what the run's MFU divided by
     model_name = cfg.model.name
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
