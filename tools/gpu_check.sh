@@ -3,8 +3,8 @@
 # Results land under tools/results/ (kernels_<gpu>/, bench_train_<gpu>_<model>.json); commit them with the date.
 #   bash tools/gpu_check.sh
 # PYTHON picks the interpreter (default: .venv/bin/python if present, else python3). The kernel steps need
-# torch, triton, numpy, sentencepiece, tqdm and matplotlib; the training benchmark also deepspeed, hydra-core
-# and wandb (it is skipped, with a message, where they are missing).
+# torch, triton, numpy, sentencepiece, tqdm and matplotlib; the training benchmark also deepspeed and hydra-core
+# (it is skipped, with a message, where they are missing; it logs to metrics.jsonl only, no W&B).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
@@ -15,11 +15,11 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' _)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 TRITON_INTERPRET=0 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py
 "$PYTHON" tools/bench_kernels.py
-if "$PYTHON" -c "import deepspeed, hydra, wandb" 2>/dev/null; then
+if "$PYTHON" -c "import deepspeed, hydra" 2>/dev/null; then
   for model in gpt2-124m gpt2-350m; do
     "$PYTHON" tools/bench_train.py "model=$model" data.seq_len=1024 train.micro_batch=16 train.global_batch=16 \
       --out "tools/results/bench_train_${gpu}_${model}.json"
   done
 else
-  echo "skipped the training benchmark: deepspeed, hydra-core and wandb are not importable with $PYTHON" >&2
+  echo "skipped the training benchmark: deepspeed and hydra-core are not importable with $PYTHON" >&2
 fi
