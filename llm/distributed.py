@@ -1,20 +1,23 @@
 """Rank and world from whichever launcher started us, process-group start-up, and the DeepSpeed JSON.
 
-Launchers: a plain `python -m llm.train` (world size 1), `torchrun` and the `deepspeed` launcher (RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set), or Slurm's `srun` (SLURM_PROCID, SLURM_NTASKS,
-SLURM_LOCALID; the master is the job's first node, the port derived from the job id).
+Launchers: a plain `python -m llm.train` (world size 1, no rendezvous at all), `torchrun` and the `deepspeed`
+launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set), or Slurm's `srun` (SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID; rank 0's address and a port the OS picked travel through the shared run directory,
+llm/slurm.py). A GPU rank uses device LOCAL_RANK, or device 0 when it sees one GPU (`--gpus-per-task=1`).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
-import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from llm.config import Config
+from llm.slurm import LaunchError, node_name, rendezvous, rendezvous_file
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first `import deepspeed`
@@ -44,30 +47,35 @@ def detect() -> DistEnv:
     if "RANK" in e and "WORLD_SIZE" in e:
         return DistEnv(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)), "torchrun")
     if "SLURM_PROCID" in e and "SLURM_STEP_ID" in e:  # a task of an srun step (not the batch script)
-        nodes = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST", "localhost")
-        if "MASTER_ADDR" not in e:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True)
-            e["MASTER_ADDR"] = out.stdout.split()[0] if out.returncode == 0 and out.stdout else "127.0.0.1"
-        e.setdefault("MASTER_PORT", str(20000 + int(e.get("SLURM_JOB_ID", "0")) % 20000))
         return DistEnv(int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"]), int(e.get("SLURM_LOCALID", 0)), "slurm")
     return DistEnv(0, 1, 0, "plain")
 
 
-def init(env: DistEnv, timeout_s: float = 300.0) -> torch.device:
-    """Start the process group (nccl on GPUs, gloo on CPU) through DeepSpeed; return this rank's device. A
-    collective that waits more than `timeout_s` (a rank died or hangs) raises instead of waiting forever."""
-    import datetime
+def gpu_index(env: DistEnv) -> int:
+    """This rank's CUDA device: LOCAL_RANK among the visible GPUs, or the only one it sees."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if env.local_rank >= count:
+        raise LaunchError(
+            f"rank {env.rank} on {node_name()} has local rank {env.local_rank} but sees {count} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one task per GPU"
+        )
+    return env.local_rank
 
+
+def init(env: DistEnv, timeout_s: float = 300.0, rendezvous_dir: Path | None = None) -> torch.device:
+    """Start the process group (nccl on GPUs, gloo on CPU) through DeepSpeed; return this rank's device. A
+    collective that waits more than `timeout_s` (a rank died or hangs) raises instead of waiting forever.
+    Under srun, `rendezvous_dir` (in the shared run directory) carries rank 0's address and port."""
     import deepspeed
 
     e = os.environ
     e.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
-    e.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in e:  # DeepSpeed reads it even when the process group needs none
-        e["MASTER_PORT"] = str(_free_port())
     cuda = torch.cuda.is_available()
+    index = gpu_index(env) if cuda else 0
     if cuda:
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(index)
     # DeepSpeed's own process groups (data parallel, ZeRO partitions) come from new_group() without a timeout,
     # which takes torch's module default (30 minutes), not the one given to init: set that default as well.
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -75,14 +83,28 @@ def init(env: DistEnv, timeout_s: float = 300.0) -> torch.device:
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     backend = "nccl" if cuda else "gloo"
     if not torch.distributed.is_initialized():
+        store = None
         if env.world_size == 1:  # one process needs no rendezvous: no port to find free, none to collide on
             store = torch.distributed.HashStore()
-            torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+        elif env.launcher == "slurm" and rendezvous_dir is not None:
+            store = rendezvous(rendezvous_dir, env.rank, env.world_size, timeout_s)
+            e.update(MASTER_ADDR=store.host, MASTER_PORT=str(store.port))
+        e.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in e:  # DeepSpeed reads it even when the process group needs none
+            e["MASTER_PORT"] = str(_free_port())
+        if store is not None:
+            torch.distributed.init_process_group(
+                backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout
+            )
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+        if env.launcher == "slurm" and rendezvous_dir is not None:
+            torch.distributed.barrier()  # everyone has connected: the address is no longer needed
+            if env.rank == 0:
+                rendezvous_file(rendezvous_dir).unlink(missing_ok=True)
     global _solo_group
     if env.world_size > 1 and _solo_group is None:
         _solo_group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=SOLO_TIMEOUT_S))
-    return torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
+    return torch.device("cuda", index) if cuda else torch.device("cpu")
 
 
 def on_rank0(fn, errors: tuple[type[BaseException], ...]) -> None:

@@ -37,9 +37,11 @@ from llm.metrics import DevicePeak, MetricsLogger, new_run_id
 from llm.model import GPT
 from llm.optim import build_optimizer, lr_at
 from llm.outcome import Recorder
+from llm.preflight import PreflightError, preflight
 from llm.rng import rng_state, seed_everything, set_rng_state
+from llm.slurm import LaunchError
 
-BAD_INPUT = (ConfigError, CheckpointError, ShardError, TokenizerError, CorpusError)
+BAD_INPUT = (ConfigError, CheckpointError, ShardError, TokenizerError, CorpusError, LaunchError, PreflightError)
 
 
 def all_max(values: list[float], device) -> list[float]:
@@ -126,15 +128,17 @@ def train(cfg: Config, recorder: Recorder | None = None, stop: StopSignal | None
     own_stop, stop = stop is None, stop or StopSignal()
     where = {"phase": "start-up", "step": 0}
     try:
-        device = D.init(env, cfg.train.collective_timeout_s)
+        device = D.init(env, cfg.train.collective_timeout_s, run_dir_of(cfg) / "rendezvous")
         launch = [uuid.uuid4().hex[:12]]
         dist.broadcast_object_list(launch, src=0)  # one id on every rank: which outcome records belong together
         if recorder is not None:
             recorder.start(launch[0])
+        where["phase"] = "pre-flight"
+        preflight(env.rank, env.world_size, device, run_dir_of(cfg), launch[0])
         where["phase"] = "data preparation"
         return _train(cfg, env, device, where, stop)
     except RuntimeError as e:
-        if isinstance(e, (TrainingStopped, CheckpointError)) or not is_peer_failure(e):
+        if isinstance(e, (TrainingStopped, *BAD_INPUT)) or not is_peer_failure(e):
             raise
         reason = re.sub(r"^\[[^\]]*\] ", "", str(e).strip().splitlines()[0])[:200]
         who = f"rank {env.rank} of {env.world_size}"

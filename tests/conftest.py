@@ -83,3 +83,17 @@ def cfg_factory(tmp_path, prepared_dir, tokenizer_dir):
     from helpers import make_cfg
 
     return lambda name="run", **sections: make_cfg(tmp_path, prepared_dir, tokenizer_dir, name, **sections)
+
+
+# The run most crash and Slurm tests interrupt, and compare with this uninterrupted copy of it, step for step.
+REFERENCE = ("deepspeed=zero2", "train.max_steps=10", "train.ckpt_every_steps=2", "train.eval_every=5")
+
+
+@pytest.fixture(scope="session")
+def two_rank_reference(tmp_path_factory, prepared_dir, tokenizer_dir):
+    """(train losses, val losses) by step of the REFERENCE run on 2 ranks under torchrun, uninterrupted."""
+    from launch import launch, losses, overrides
+
+    tmp = tmp_path_factory.mktemp("reference")
+    launch(overrides(tmp, prepared_dir, tokenizer_dir, "whole", *REFERENCE), nproc=2)
+    return losses(tmp, "whole"), losses(tmp, "whole", "val/loss")

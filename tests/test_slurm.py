@@ -1,0 +1,115 @@
+"""`sbatch slurm/pretrain.sbatch` on a real Slurm cluster started on this machine (tests/slurm_cluster.py):
+2 tasks of a CPU run, preempted with USR1, requeued, resumed, up to the requeue limit; a bad override.
+
+Without root the cluster cannot start and these tests skip saying so; CI sets LLM_REQUIRE_SLURM=1, which
+turns that skip into a failure so that they can never silently not run there.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REFERENCE
+from launch import ROOT, losses, overrides
+from slurm_cluster import Cluster, SlurmUnavailable
+
+from llm.checkpoint import check_checkpoint
+from llm.metrics import read_history
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+SHIM = str(ROOT / "tests" / "python_with_faults.sh")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    try:
+        c = Cluster(1).start()
+    except SlurmUnavailable as e:
+        if os.environ.get("LLM_REQUIRE_SLURM") == "1":
+            pytest.fail(f"LLM_REQUIRE_SLURM=1 but no Slurm cluster: {e}")
+        pytest.skip(f"{e}; run pytest as root to start a local Slurm cluster for these tests")
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def submit(cluster, tmp_path, prepared_dir, tokenizer_dir):
+    """sbatch slurm/pretrain.sbatch as a user would, sized for this machine: 2 tasks on one node, each with one
+    (pretend) GPU and one CPU; `fault` runs the training under tests/fault_worker.py. Returns the job id."""
+
+    def sbatch(name, *extra, fault=None, env=None, sbatch_args=()):
+        args = overrides(tmp_path, prepared_dir, tokenizer_dir, name, *REFERENCE, *extra)
+        job_env = {"PYTHON": SHIM, "REAL_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env or {})}
+        if fault:
+            job_env["LLM_FAULT"] = fault
+        resources = ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", "--time=10"]
+        log = f"--output={tmp_path}/%x-%j.out"
+        return cluster.sbatch(*resources, log, *sbatch_args, "slurm/pretrain.sbatch", *args, cwd=ROOT, env=job_env)
+
+    return sbatch
+
+
+def log_of(tmp_path, job: int) -> str:
+    return (tmp_path / f"pretrain-{job}.out").read_text()
+
+
+def wait_for_step(cluster, job, tmp_path, name: str, step: int, after: int = 0, timeout: float = 120) -> None:
+    """Until the run's history has `step` (counting only records after the first `after` lines)."""
+    path, deadline = tmp_path / "runs" / name / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline:
+        cluster.release(job)
+        if path.is_file():
+            lines = path.read_text().splitlines()[after:]
+            if any(json.loads(x).get("step", 0) >= step and "train/loss" in x for x in lines):
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_a_two_task_job_trains_exactly_as_torchrun_does(cluster, submit, tmp_path, two_rank_reference):
+    job = submit("job")
+    info = cluster.wait(job)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert "finished: reached step 10" in log and "2 rank(s) x 1 micro-batch(es)" in log
+    assert (losses(tmp_path, "job"), losses(tmp_path, "job", "val/loss")) == two_rank_reference
+
+
+def test_preemption_requeues_and_resumes_exactly_up_to_the_requeue_limit(cluster, submit, tmp_path, two_rank_reference):
+    run = tmp_path / "runs" / "preempted"
+    job = submit("preempted", "logger.wandb=true", fault="slow", env={"LLM_MAX_REQUEUES": "1"})
+    scancel = ["scancel", "--signal=USR1", "--batch", str(job)]
+    wait_for_step(cluster, job, tmp_path, "preempted", 3)
+    subprocess.run(scancel, check=True, env=cluster.env)  # preemption 1: checkpoint, requeue, resume
+    wait_for_step(cluster, job, tmp_path, "preempted", 7, after=len((run / "metrics.jsonl").read_text().splitlines()))
+    subprocess.run(scancel, check=True, env=cluster.env)  # preemption 2: checkpoint, but the limit is 1 restart
+    info = cluster.wait(job)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "4:0" and info["Restarts"] == "1", log[-3000:]
+    assert "start 1 (restart count 0)" in log and "requeued (restart 1)" in log and "start 2 (restart count 1)" in log
+    assert "not requeued: it has restarted 1 times (LLM_MAX_REQUEUES=1)" in log
+    assert log.count("interrupted: stopped by SIGUSR1 at step ") == 2
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text()
+    assert check_checkpoint(latest) is None and 7 <= int(latest.name.split("_")[1]) < 10
+
+    job2 = submit("preempted", "logger.wandb=true")  # the user resubmits: same run directory, same W&B run
+    info = cluster.wait(job2)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log_of(tmp_path, job2)[-3000:]
+    assert (losses(tmp_path, "preempted"), losses(tmp_path, "preempted", "val/loss")) == two_rank_reference
+    starts = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("event")]
+    assert len(starts) == 3 and [r["world_size"] for r in starts] == [2, 2, 2]
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 3 and len({f.name for p in runs for f in p.glob("run-*.wandb")}) == 1  # one W&B run id
+    assert [r["step"] for r in read_history(run / "metrics.jsonl") if "train/loss" in r] == list(range(1, 11))
+
+
+def test_an_unknown_override_fails_the_job_in_its_first_seconds_without_requeue(cluster, submit, tmp_path):
+    job = submit("typo", "model.n_layr=3")
+    info = cluster.wait(job)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", log[-2000:]
+    assert "error: bad override: Could not override 'model.n_layr'." in log and "requeued" not in log
+    assert "bad_input: bad override" in log  # what llm.outcome told the job script

@@ -1,0 +1,36 @@
+"""`python -m llm.submit`: what a job will run, shown before it queues; bad input rejected before sbatch."""
+
+import json
+import subprocess
+import sys
+
+from launch import ROOT, environment
+
+
+def submit(*args):
+    cmd = [sys.executable, "-m", "llm.submit", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=environment(), timeout=120)
+
+
+def test_a_dry_run_shows_the_config_the_deepspeed_json_and_the_sbatch_line(tmp_path):
+    r = submit("--dry-run", "--nodes=2", "--qos=high", "experiment=gpt2-124m", "deepspeed=zero3", "name=my-run")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "# resolved config (16 ranks: 2 node(s) x 8 GPU(s))" in out and "name: my-run" in out
+    ds = json.loads(out.split("# DeepSpeed JSON (written to the run directory when the job starts)\n")[1].split("#")[0])
+    assert ds["zero_optimization"]["stage"] == 3 and ds["train_batch_size"] == 512
+    assert ds["gradient_accumulation_steps"] * ds["train_micro_batch_size_per_gpu"] * 16 == 512
+    line = out.split("# sbatch command\n")[1].strip()
+    assert line.startswith("sbatch --parsable --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 --output=")
+    script = ROOT / "slurm" / "pretrain.sbatch"
+    assert line.endswith(f"--qos=high {script} experiment=gpt2-124m deepspeed=zero3 name=my-run")
+
+
+def test_bad_input_is_rejected_before_anything_is_queued():
+    r = submit("--dry-run", "model.n_layr=3")
+    assert r.returncode == 2 and r.stderr.startswith("error: bad override: ")
+    assert "did you mean model.n_layer?" in r.stderr
+    # valid alone, invalid at the job's world size: 512 sequences do not split over 3 x 7 ranks of 16
+    r = submit("--dry-run", "--nodes=3", "--gpus-per-node=7", "experiment=gpt2-124m")
+    assert r.returncode == 2
+    assert "train.global_batch: 512 is not divisible by train.micro_batch=16 x world size 21" in r.stderr
