@@ -45,7 +45,13 @@ def _free_port() -> int:
 def detect() -> DistEnv:
     e = os.environ
     if "RANK" in e and "WORLD_SIZE" in e:
-        return DistEnv(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)), "torchrun")
+        world = int(e["WORLD_SIZE"])
+        if "SLURM_STEP_ID" in e and world < int(e.get("SLURM_NTASKS", 1)):  # left over, not set by a launcher
+            raise LaunchError(
+                f"RANK={e['RANK']} WORLD_SIZE={world} are set, but this is one of {e['SLURM_NTASKS']} tasks of an "
+                "srun step: every task would train alone; unset them in the job's environment"
+            )
+        return DistEnv(int(e["RANK"]), world, int(e.get("LOCAL_RANK", 0)), "torchrun")
     if "SLURM_PROCID" in e and "SLURM_STEP_ID" in e:  # a task of an srun step (not the batch script)
         return DistEnv(int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"]), int(e.get("SLURM_LOCALID", 0)), "slurm")
     return DistEnv(0, 1, 0, "plain")

@@ -394,7 +394,11 @@ def main(argv: list[str] | None = None) -> None:
     if show:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         return
-    env = D.detect()
+    try:
+        env = D.detect()
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     recorder = Recorder(run_dir_of(cfg), env.rank, env.world_size, started)
     # Signals are caught from here to the exit: a launcher that SIGTERMs the survivors of a failed rank must not
     # kill one before it has recorded its outcome (a signal during start-up stops the run at its first step).

@@ -78,7 +78,10 @@ class Cluster:
         self.netns: list[str] = []
         self.made_netns_dir = False
         self.held_since: dict[tuple, float] = {}
-        self.env = {**os.environ, "SLURM_CONF": str(self.dir / "slurm.conf")}
+        # sbatch passes its environment on to the job: none of another launcher's variables
+        launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        self.env = {k: v for k, v in os.environ.items() if k not in launcher}
+        self.env["SLURM_CONF"] = str(self.dir / "slurm.conf")
 
     # ---- bring-up -------------------------------------------------------------------------------------------
     def start(self) -> Cluster:

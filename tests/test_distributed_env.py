@@ -99,6 +99,15 @@ def test_a_multi_node_step_never_advertises_loopback(env, tmp_path):
         slurm.rendezvous(tmp_path, 0, 4, 5)
 
 
+def test_a_leftover_rank_and_world_size_under_srun_is_refused(env):
+    # e.g. exported from a shell where a single-process run had set them: each task would train alone
+    leftover = {"RANK": "0", "WORLD_SIZE": "1"}
+    for k, v in {**leftover, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}.items():
+        env.setenv(k, v)
+    with pytest.raises(LaunchError, match="RANK=0 WORLD_SIZE=1 are set, but this is one of 2 tasks of an srun step"):
+        detect()
+
+
 def test_slurm_variables_without_a_step_id_are_a_plain_run(env):
     env.setenv("SLURM_PROCID", "0")
     env.setenv("SLURM_NTASKS", "8")  # no SLURM_STEP_ID: not a task of an srun step, so one process, not eight

@@ -13,7 +13,7 @@ import time
 
 import pytest
 from conftest import REFERENCE
-from launch import ROOT, losses, overrides
+from launch import ROOT, launch, losses, overrides
 from slurm_cluster import Cluster, SlurmUnavailable
 
 from llm.checkpoint import check_checkpoint
@@ -23,31 +23,48 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SHIM = str(ROOT / "tests" / "python_with_faults.sh")
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def start_cluster(nodes: int) -> Cluster:
     try:
-        c = Cluster(1).start()
+        return Cluster(nodes).start()
     except SlurmUnavailable as e:
         if os.environ.get("LLM_REQUIRE_SLURM") == "1":
             pytest.fail(f"LLM_REQUIRE_SLURM=1 but no Slurm cluster: {e}")
         pytest.skip(f"{e}; run pytest as root to start a local Slurm cluster for these tests")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = start_cluster(1)
     yield c
     c.stop()
 
 
+@pytest.fixture(scope="module")
+def two_nodes():
+    """nodeA (10.200.0.2) and nodeB (10.200.0.3): one network namespace, one slurmd and one CPU each."""
+    c = start_cluster(2)
+    yield c
+    c.stop()
+
+
+def sbatch_pretrain(cluster, tmp_path, args, resources, fault=None, env=None) -> int:
+    """sbatch slurm/pretrain.sbatch as a user would, with `resources` sized for this machine; `fault` runs the
+    training under tests/fault_worker.py. Returns the job id."""
+    job_env = {"PYTHON": SHIM, "REAL_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env or {})}
+    if fault:
+        job_env["LLM_FAULT"] = fault
+    log = f"--output={tmp_path}/%x-%j.out"
+    return cluster.sbatch(*resources, "--time=10", log, "slurm/pretrain.sbatch", *args, cwd=ROOT, env=job_env)
+
+
 @pytest.fixture
 def submit(cluster, tmp_path, prepared_dir, tokenizer_dir):
-    """sbatch slurm/pretrain.sbatch as a user would, sized for this machine: 2 tasks on one node, each with one
-    (pretend) GPU and one CPU; `fault` runs the training under tests/fault_worker.py. Returns the job id."""
+    """The REFERENCE run as a job of 2 tasks on one node, each with one (pretend) GPU and one CPU."""
 
-    def sbatch(name, *extra, fault=None, env=None, sbatch_args=()):
+    def sbatch(name, *extra, fault=None, env=None):
         args = overrides(tmp_path, prepared_dir, tokenizer_dir, name, *REFERENCE, *extra)
-        job_env = {"PYTHON": SHIM, "REAL_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env or {})}
-        if fault:
-            job_env["LLM_FAULT"] = fault
-        resources = ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", "--time=10"]
-        log = f"--output={tmp_path}/%x-%j.out"
-        return cluster.sbatch(*resources, log, *sbatch_args, "slurm/pretrain.sbatch", *args, cwd=ROOT, env=job_env)
+        resources = ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"]
+        return sbatch_pretrain(cluster, tmp_path, args, resources, fault, env)
 
     return sbatch
 
@@ -113,3 +130,18 @@ def test_an_unknown_override_fails_the_job_in_its_first_seconds_without_requeue(
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", log[-2000:]
     assert "error: bad override: Could not override 'model.n_layr'." in log and "requeued" not in log
     assert "bad_input: bad override" in log  # what llm.outcome told the job script
+
+
+def test_a_two_node_zero3_job_trains_exactly_as_one_node_does(two_nodes, tmp_path, prepared_dir, tokenizer_dir):
+    args = overrides(tmp_path, prepared_dir, tokenizer_dir, "two-nodes", *REFERENCE, "deepspeed=zero3")
+    resources = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"]
+    # the namespaces share the machine's hostname, which resolves to 127.0.0.1: gloo must use each node's eth0
+    job = sbatch_pretrain(two_nodes, tmp_path, args, resources, env={"GLOO_SOCKET_IFNAME": "eth0"})
+    info = two_nodes.wait(job)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert "on nodeA,nodeB" in log or "on node[A-B]" in log
+    one_node = tmp_path / "one-node"
+    launch(overrides(one_node, prepared_dir, tokenizer_dir, "ref", *REFERENCE, "deepspeed=zero3"), nproc=2)
+    assert losses(tmp_path, "two-nodes") == losses(one_node, "ref")
+    assert losses(tmp_path, "two-nodes", "val/loss") == losses(one_node, "ref", "val/loss")

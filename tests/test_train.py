@@ -46,7 +46,7 @@ def test_loss_falls_and_the_run_directory_is_complete(cfg_factory):
     assert records(run, "val/ppl")[30] == pytest.approx(torch.exp(torch.tensor(val[30])).item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_resume_is_exact(cfg_factory, stage):
     ds = {"stage": stage}
     whole = train(cfg_factory("whole", deepspeed=ds))
