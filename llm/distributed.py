@@ -135,15 +135,18 @@ def resolve_precision(requested: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed JSON, generated from the schema (saved as <run_dir>/deepspeed.json)."""
+def deepspeed_config(cfg: Config, world_size: int, n_params: int | None = None) -> dict:
+    """The DeepSpeed JSON, generated from the schema (saved as <run_dir>/deepspeed.json). Given the model's
+    parameter count, the communication buckets are capped at it: a bucket larger than the whole model holds
+    nothing more, but ZeRO-1/2 allocate it in full at every step (2 GB at the default 5e8 elements)."""
     t, d = cfg.train, cfg.deepspeed
     precision = resolve_precision(d.precision)
     zero: dict = {"stage": d.stage}
     if d.stage >= 1:
+        cap = n_params or max(d.reduce_bucket_size, d.allgather_bucket_size)
         zero.update(
-            reduce_bucket_size=d.reduce_bucket_size,
-            allgather_bucket_size=d.allgather_bucket_size,
+            reduce_bucket_size=min(d.reduce_bucket_size, cap),
+            allgather_bucket_size=min(d.allgather_bucket_size, cap),
             overlap_comm=d.overlap_comm,
         )
     if d.offload_optimizer:

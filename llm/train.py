@@ -172,7 +172,7 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
     seed_everything(t.seed)  # the same initial weights on every rank
     model = build_model(cfg, tok)
     optimizer = build_optimizer(model, cfg.optim)
-    ds_config = D.deepspeed_config(cfg, env.world_size)
+    ds_config = D.deepspeed_config(cfg, env.world_size, sum(p.numel() for p in model.parameters()))
     if env.rank == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")

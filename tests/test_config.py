@@ -61,6 +61,9 @@ def test_deepspeed_json_is_generated_from_the_schema():
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     json.dumps(ds)
+    zero = deepspeed_config(cfg, world_size=2, n_params=1_000_000)["zero_optimization"]  # buckets: the model at most
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 1_000_000
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 500_000_000
 
 
 @pytest.mark.parametrize(
