@@ -241,6 +241,11 @@ class Checkpoints:
         return json.loads((tag_dir / MARKER).read_text())
 
     @staticmethod
+    def size(tag_dir: Path) -> int:
+        """Bytes of a complete checkpoint's files, from its COMPLETE.json."""
+        return sum(int(e["size"]) for e in Checkpoints.meta(tag_dir)["files"].values())
+
+    @staticmethod
     def needs_universal(tag_dir: Path, world_size: int) -> bool:
         """Partitioned (ZeRO >= 1) optimizer state saved by another number of ranks must be converted."""
         meta = Checkpoints.meta(tag_dir)

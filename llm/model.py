@@ -69,7 +69,9 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.impl = cfg.kernels
 
-    def forward(self, x, doc_ids=None, rope=None):
+    def forward(self, x, doc_ids=None, rope=None, cache=None):
+        """With `cache` (a layer of llm.generate.KVCache) the new keys and values are appended to it and the
+        queries attend to everything cached so far, under its mask."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -79,7 +81,10 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = kernels.attention(q, k, v, causal=True, doc_ids=doc_ids, impl=self.impl)  # (B, Hq, T, D)
+        if cache is not None:
+            y = cache.attend(q, k, v)
+        else:
+            y = kernels.attention(q, k, v, causal=True, doc_ids=doc_ids, impl=self.impl)  # (B, Hq, T, D)
         return self.dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -108,10 +113,15 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.attn, self.norm2, self.mlp = Norm(cfg), Attention(cfg), Norm(cfg), MLP(cfg)
 
-    def forward(self, x, residual=None, doc_ids=None, rope=None):
+    def forward(self, x, residual=None, doc_ids=None, rope=None, cache=None):
         h, residual = (self.norm1(x), x) if residual is None else self.norm1(x, residual)  # res = x + res
-        h, residual = self.norm2(self.attn(h, doc_ids, rope), residual)
+        h, residual = self.norm2(self.attn(h, doc_ids, rope, cache), residual)
         return self.mlp(h), residual
+
+
+def _numel(p: nn.Parameter) -> int:
+    """A parameter's full size, also when ZeRO-3 has partitioned it away (leaving an empty tensor)."""
+    return getattr(p, "ds_numel", p.numel())
 
 
 class GPT(nn.Module):
@@ -146,21 +156,25 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, doc_ids=None):
-        """idx (B, T) token ids -> logits (B, T, vocab_size); with targets (B, T), the mean cross-entropy."""
+    def forward(self, idx, targets=None, doc_ids=None, cache=None, positions=None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size); with targets (B, T), the mean cross-entropy.
+        Generation passes a KV cache (llm.generate) and each token's position (B, T)."""
         B, T = idx.shape
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
+            x = x + self.wpe(torch.arange(T, device=idx.device) if positions is None else positions)
         x = self.drop(x)
-        rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.cfg.pos == "rope" else None
+        rope = None
+        if self.cfg.pos == "rope":
+            tables = (self.rope_cos, self.rope_sin)
+            rope = tuple(t[:T] if positions is None else t[positions].unsqueeze(1) for t in tables)
         doc_ids = doc_ids if self.cfg.doc_mask else None
         residual = None
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training:
                 x, residual = torch.utils.checkpoint.checkpoint(block, x, residual, doc_ids, rope, use_reentrant=False)
             else:
-                x, residual = block(x, residual, doc_ids, rope)
+                x, residual = block(x, residual, doc_ids, rope, None if cache is None else cache.layers[i])
         h = self.norm_f(x) if residual is None else self.norm_f(x, residual)[0]
         logits = self.lm_head(h)[..., : self.cfg.vocab_size]  # padding rows are never predicted
         if targets is None:
@@ -169,7 +183,7 @@ class GPT(nn.Module):
 
     def num_params(self) -> int:
         """Parameters as the model defines them: shared (tied) tensors once, vocabulary padding rows excluded."""
-        total = sum(p.numel() for p in self.parameters())
+        total = sum(_numel(p) for p in self.parameters())
         pad_rows = (self.vocab - self.cfg.vocab_size) * self.cfg.n_embd
         return total - pad_rows * (1 if self.cfg.tie_embeddings else 2)
 
@@ -178,7 +192,7 @@ class GPT(nn.Module):
         and the token embedding unless it is tied to the head, whose matmul it then performs)."""
         n = self.num_params()
         if self.wpe is not None:
-            n -= self.wpe.weight.numel()
+            n -= _numel(self.wpe.weight)
         if not self.cfg.tie_embeddings:
             n -= self.cfg.vocab_size * self.cfg.n_embd
         return n

@@ -3,7 +3,8 @@
 Under `srun`, rank 0 opens the TCP store on a port the operating system picks (so two steps of one
 allocation, or two jobs on one node, can never collide) and writes its address and port to
 <run_dir>/rendezvous/<job>.<step>.<restart>.json; the other ranks read it there. A rank that cannot see the
-file within the collective timeout is on a node that does not share the run directory, and says so.
+file within RENDEZVOUS_WAIT_S (or the collective timeout, if shorter) is on a node that does not share the run
+directory, and says so.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from llm.data.files import atomic_write_json
+
+# Rank 0 writes the rendezvous file seconds after its task starts; the others start at the same moment, so a
+# file still missing after this long is one this node cannot see, not a slow rank 0.
+RENDEZVOUS_WAIT_S = 120.0
 
 
 class LaunchError(RuntimeError):
@@ -66,11 +71,12 @@ def rendezvous(directory: Path, rank: int, world_size: int, timeout_s: float) ->
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"addr": addr, "port": store.port, "node": node})
         return store
-    deadline = time.time() + timeout_s
+    wait = min(timeout_s, RENDEZVOUS_WAIT_S)
+    deadline = time.time() + wait
     while not path.is_file():
         if time.time() > deadline:
             raise LaunchError(
-                f"rank {rank} on {node_name()}: rank 0's rendezvous file {path} did not appear within {timeout_s:g} s; "
+                f"rank {rank} on {node_name()}: rank 0's rendezvous file {path} did not appear within {wait:g} s; "
                 f"the run directory must be on a filesystem shared by every node ({node_name()} does not see it)"
             )
         time.sleep(0.1)

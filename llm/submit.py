@@ -9,12 +9,18 @@ A bad override or setting (including one that only fails at the job's world size
 rejected here in one line, before anything is queued. `--dry-run` prints the resolved config, the generated
 DeepSpeed JSON and the sbatch command line; otherwise the job is submitted with its log in the run directory
 (<run_dir>/slurm-<job id>.out) and its id printed.
+
+    python -m llm.submit --job-check [overrides]   # in a job script, before srun
+
+checks the same inside a job, at its world size (SLURM_NTASKS), and writes a token into the run directory
+for every node to look for (a node that does not see it does not share the run directory); prints its path.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -32,6 +38,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "pretrain.sbatch"
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
     p = argparse.ArgumentParser(prog="python -m llm.submit", description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="print what would run; queue nothing")
+    p.add_argument("--job-check", action="store_true", help="in a job script: check, write the shared-directory token")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8, help="also the tasks per node (one task per GPU)")
     p.add_argument("--time", default=None, help="the job's time limit (sbatch --time)")
@@ -57,8 +64,27 @@ def sbatch_command(args: argparse.Namespace, extra: list[str], overrides: list[s
     return [*cmd, *extra, str(SCRIPT), *overrides]
 
 
+def job_check(overrides: list[str]) -> None:
+    world = int(os.environ.get("SLURM_NTASKS", "1"))
+    try:
+        cfg = load_config(overrides)
+        validate(cfg, world_size=world, cuda=True)  # whether the nodes have GPUs, the training itself checks
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    e = os.environ
+    name = f"shared.{e.get('SLURM_JOB_ID')}.{e.get('SLURM_RESTART_COUNT', 0)}"
+    token = run_dir_of(cfg).resolve() / "rendezvous" / name
+    token.parent.mkdir(parents=True, exist_ok=True)
+    token.write_text(e.get("SLURMD_NODENAME", ""))
+    print(token)
+
+
 def main(argv: list[str] | None = None) -> None:
     args, extra, overrides = parse(list(sys.argv[1:] if argv is None else argv))
+    if args.job_check:
+        job_check(overrides)
+        return
     world = args.nodes * args.gpus_per_node
     try:
         cfg = load_config(overrides)

@@ -180,7 +180,9 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
     where["phase"] = "checkpoint verification"
     if cfg.resume == "none":
         ckpts.set_aside()
+    t0 = time.perf_counter()
     resume_from = ckpts.resolve(cfg.resume)
+    load_s = time.perf_counter() - t0  # checking the checkpoint, then (below) loading it
     if resume_from is not None:
         check_resumable(Checkpoints.meta(resume_from), cfg, tok, resume_from)
         if Checkpoints.needs_universal(resume_from, env.world_size):
@@ -202,18 +204,21 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
     start, tokens_seen, skipped, run_id = 0, 0, 0, new_run_id()
     if resume_from is not None:
         where["phase"] = "checkpoint load"
+        t0 = time.perf_counter()
         state = ckpts.load(engine, resume_from, env.world_size, cfg.deepspeed.stage)["llm"]
         start, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
         run_id = state["wandb_run_id"]
         loader.load_state_dict(state["data"])
         if len(state["rng"]) == env.world_size:
             set_rng_state(state["rng"][env.rank])
+        load_s += time.perf_counter() - t0
     start_info = {"resumed_from": str(resume_from) if resume_from else None, "world_size": env.world_size}
+    start_info["checkpoint_load_s"] = round(load_s, 3) if resume_from else None
     log = MetricsLogger(
         run_dir, cfg.logger, env.rank, run_id, cfg.name, dataclasses.asdict(cfg), t.max_steps, start, start_info
     )
     if resume_from is not None:
-        log.print(f"resumed from {resume_from} at step {start}")
+        log.print(f"resumed from {resume_from} at step {start} (checked and loaded in {load_s:.1f} s)")
     if val_windows is None:
         log.print("val split too small for one window: evaluation is skipped")
     peak = DevicePeak(device, t.peak_tflops)
@@ -241,7 +246,10 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
         }
         # under one key: DeepSpeed drops client keys that share a name with its own (e.g. skipped_steps)
         describe = {"model": dataclasses.asdict(cfg.model), "tokenizer_sha256": tok.sha256}
+        t0 = time.perf_counter()
         path = ckpts.save(engine, step, {"llm": client}, env.world_size, cfg.deepspeed.stage, describe, guard.proven)
+        seconds, size = time.perf_counter() - t0, Checkpoints.size(path)
+        log.log(step, {"checkpoint/save_s": seconds, "checkpoint/bytes": size})
         guard.saved(path)
         return path
 
@@ -363,6 +371,8 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
         "sample": sample,
         "peak_flops": peak.flops,
         "peak_source": peak.source,
+        "params": model.num_params(),
+        "flops_per_token": flops_per_token,
     }
 
 

@@ -1,12 +1,12 @@
 """`python -m llm.train` with faults injected at exact moments, for the crash tests: the process kills itself
 with a real SIGKILL there. LLM_FAULT holds comma-separated `point:rank:step` entries (`slow` takes no rank or
-step):
+step); an entry ending in `:first` acts only in a Slurm job's first start (not after a requeue):
 
     save_start:R:S      rank R dies as it enters the checkpoint save of step S (before writing any file)
     mid_shard:R:S       rank R dies half-way through writing its optimizer shard of step S
     before_marker:0:S   rank 0 dies after every shard of step S is written, before COMPLETE.json
     before_pointer:0:S  rank 0 dies after COMPLETE.json of step S, before `latest` is moved to it
-    slow                every step takes 0.2 s longer (so that a test can signal a run mid-way)
+    slow[=S]            every step takes S seconds longer (default 0.2: so that a test can signal a run mid-way)
 """
 
 import io
@@ -25,13 +25,14 @@ import llm.train
 
 
 def die() -> None:
-    sys.stderr.flush()
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    print(f"fault: rank {rank} SIGKILLs itself at {time.time():.3f}", file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
 def install(point: str, rank: int, step: int) -> None:
     tag = llm.checkpoint.tag_for(step)
-    mine = int(os.environ.get("RANK", "0")) == rank
+    mine = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == rank
 
     if point == "save_start":
         original = DeepSpeedEngine.save_checkpoint
@@ -70,20 +71,25 @@ def install(point: str, rank: int, step: int) -> None:
         raise SystemExit(f"unknown fault point {point!r}")
 
 
-def slow_down() -> None:
+def slow_down(seconds: float) -> None:
     original = llm.train.lr_at
 
     def lr_at(*args):
-        time.sleep(0.2)
+        time.sleep(seconds)
         return original(*args)
 
     llm.train.lr_at = lr_at
 
 
 def main() -> None:
+    restarted = os.environ.get("SLURM_RESTART_COUNT", "0") != "0"
     for entry in filter(None, os.environ.get("LLM_FAULT", "").split(",")):
-        if entry == "slow":
-            slow_down()
+        if entry.endswith(":first"):
+            if restarted:
+                continue
+            entry = entry.removesuffix(":first")
+        if entry.split("=")[0] == "slow":
+            slow_down(float(entry.split("=")[1]) if "=" in entry else 0.2)
             continue
         point, rank, step = entry.split(":")
         install(point, int(rank), int(step))

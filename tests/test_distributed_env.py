@@ -86,8 +86,11 @@ def test_the_rendezvous_goes_through_the_run_directory(env, tmp_path):
 
 def test_a_node_that_does_not_see_the_run_directory_says_so(env, tmp_path):
     env.setenv("SLURMD_NODENAME", "nodeB")
-    with pytest.raises(LaunchError, match=r"rank 3 on nodeB: rank 0's rendezvous file .* did not appear within 0.3 s; "
-                       r"the run directory must be on a filesystem shared by every node"):
+    with pytest.raises(
+        LaunchError,
+        match=r"rank 3 on nodeB: rank 0's rendezvous file .* did not appear within 0.3 s; "
+        r"the run directory must be on a filesystem shared by every node",
+    ):
         slurm.rendezvous(tmp_path, 3, 4, 0.3)
 
 

@@ -1,12 +1,14 @@
-"""`sbatch slurm/pretrain.sbatch` on a real Slurm cluster started on this machine (tests/slurm_cluster.py):
+"""`sbatch slurm/pretrain.sbatch` on a real Slurm cluster started on this machine (tools/slurm_cluster.py):
 2 tasks of a CPU run, preempted with USR1, requeued, resumed, up to the requeue limit; a bad override.
 
 Without root the cluster cannot start and these tests skip saying so; CI sets LLM_REQUIRE_SLURM=1, which
 turns that skip into a failure so that they can never silently not run there.
 """
 
+import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +16,9 @@ import time
 import pytest
 from conftest import REFERENCE
 from launch import ROOT, launch, losses, overrides
-from slurm_cluster import Cluster, SlurmUnavailable
+
+sys.path.insert(0, str(ROOT / "tools"))
+from slurm_cluster import Cluster, SlurmUnavailable  # noqa: E402
 
 from llm.checkpoint import check_checkpoint
 from llm.metrics import read_history
@@ -48,22 +52,24 @@ def two_nodes():
 
 
 def sbatch_pretrain(cluster, tmp_path, args, resources, fault=None, env=None) -> int:
-    """sbatch slurm/pretrain.sbatch as a user would, with `resources` sized for this machine; `fault` runs the
-    training under tests/fault_worker.py. Returns the job id."""
+    """sbatch slurm/pretrain.sbatch as a user would, with `resources` (sbatch options) sized for this machine;
+    `fault` runs the training under tests/fault_worker.py. Returns the job id."""
     job_env = {"PYTHON": SHIM, "REAL_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env or {})}
     if fault:
         job_env["LLM_FAULT"] = fault
     log = f"--output={tmp_path}/%x-%j.out"
-    return cluster.sbatch(*resources, "--time=10", log, "slurm/pretrain.sbatch", *args, cwd=ROOT, env=job_env)
+    if not any(r.startswith("--time=") for r in resources):
+        resources = [*resources, "--time=10"]
+    return cluster.sbatch(*resources, log, "slurm/pretrain.sbatch", *args, cwd=ROOT, env=job_env)
 
 
 @pytest.fixture
 def submit(cluster, tmp_path, prepared_dir, tokenizer_dir):
     """The REFERENCE run as a job of 2 tasks on one node, each with one (pretend) GPU and one CPU."""
 
-    def sbatch(name, *extra, fault=None, env=None):
+    def sbatch(name, *extra, fault=None, env=None, options=()):
         args = overrides(tmp_path, prepared_dir, tokenizer_dir, name, *REFERENCE, *extra)
-        resources = ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"]
+        resources = ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", *options]
         return sbatch_pretrain(cluster, tmp_path, args, resources, fault, env)
 
     return sbatch
@@ -123,13 +129,52 @@ def test_preemption_requeues_and_resumes_exactly_up_to_the_requeue_limit(cluster
     assert [r["step"] for r in read_history(run / "metrics.jsonl") if "train/loss" in r] == list(range(1, 11))
 
 
+def test_a_time_limit_shorter_than_the_run_requeues_at_each_limit_and_finishes_exactly(
+    cluster, submit, tmp_path, two_rank_reference
+):
+    # 10 steps of 4 s against a 1-minute limit, USR1 45 s ahead of it: Slurm checks limits every ~30 s, so the
+    # signal comes 15-45 s into an allocation and the run needs at least two of them
+    job = submit("limited", fault="slow=4", options=["--time=1", "--signal=B:USR1@45"])
+    info = cluster.wait(job, timeout=600)
+    log, restarts = log_of(tmp_path, job), int(info["Restarts"])
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and restarts >= 1, log[-3000:]
+    assert log.count("USR1 (time limit or preemption): checkpointing") >= restarts
+    assert [f"requeued (restart {i})" in log for i in range(1, restarts + 2)] == [True] * restarts + [False]
+    assert (losses(tmp_path, "limited"), losses(tmp_path, "limited", "val/loss")) == two_rank_reference
+    history = read_history(tmp_path / "runs" / "limited" / "metrics.jsonl")
+    assert [r["step"] for r in history if "train/loss" in r] == list(range(1, 11))
+
+
+def log_time(log: str, pattern: str) -> float:
+    """The Unix time of the job script's log line matching `pattern` ("[<ISO time>] job <id>: <pattern>")."""
+    stamp = re.search(r"\[(\S+)\] job \d+: " + pattern, log).group(1)
+    return datetime.datetime.fromisoformat(stamp).timestamp()
+
+
+def test_a_rank_killed_mid_save_ends_the_step_in_seconds_naming_it_and_the_job_resumes_exactly(
+    cluster, submit, tmp_path, two_rank_reference
+):
+    # rank 1 SIGKILLs itself half-way through writing its optimizer shard of step 4 (first start only)
+    job = submit("killed", fault="mid_shard:1:4:first")
+    info = cluster.wait(job)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", log[-3000:]
+    assert re.search(r"rank_failure: rank 1 \(\S+, pid \d+\) died without recording an outcome", log), log[-3000:]
+    killed = float(re.search(r"fault: rank 1 SIGKILLs itself at ([\d.]+)", log).group(1))
+    # srun --kill-on-bad-exit ends the other rank at once (KillWait is 10 s here), not at the 300 s collective
+    # timeout: the job script has decided to requeue well within a minute
+    assert log_time(log, r"requeued \(restart 1\)") - killed < 60
+    assert re.search(r"resumed from \S+step_0+2 at step 2", log.split("requeued (restart 1)")[1])  # not torn step 4
+    assert (losses(tmp_path, "killed"), losses(tmp_path, "killed", "val/loss")) == two_rank_reference
+
+
 def test_an_unknown_override_fails_the_job_in_its_first_seconds_without_requeue(cluster, submit, tmp_path):
     job = submit("typo", "model.n_layr=3")
     info = cluster.wait(job)
     log = log_of(tmp_path, job)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", log[-2000:]
     assert "error: bad override: Could not override 'model.n_layr'." in log and "requeued" not in log
-    assert "bad_input: bad override" in log  # what llm.outcome told the job script
+    assert "parameters;" not in log  # rejected by the job script's check, before the training step started
 
 
 def test_a_two_node_zero3_job_trains_exactly_as_one_node_does(two_nodes, tmp_path, prepared_dir, tokenizer_dir):
@@ -145,3 +190,17 @@ def test_a_two_node_zero3_job_trains_exactly_as_one_node_does(two_nodes, tmp_pat
     launch(overrides(one_node, prepared_dir, tokenizer_dir, "ref", *REFERENCE, "deepspeed=zero3"), nproc=2)
     assert losses(tmp_path, "two-nodes") == losses(one_node, "ref")
     assert losses(tmp_path, "two-nodes", "val/loss") == losses(one_node, "ref", "val/loss")
+
+
+def test_a_node_that_does_not_share_the_run_directory_is_named_and_the_job_ends(
+    two_nodes, tmp_path, prepared_dir, tokenizer_dir
+):
+    # the run directory is under a path that nodeB sees as its own empty tmpfs
+    args = overrides(two_nodes.unshared, prepared_dir, tokenizer_dir, "unshared", *REFERENCE)
+    resources = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"]
+    job = sbatch_pretrain(two_nodes, tmp_path, args, resources)
+    info = two_nodes.wait(job)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", log[-3000:]
+    assert "error: pre-flight: node nodeB does not see the run directory" in log and "requeued" not in log
+    assert "parameters;" not in log  # no training step started

@@ -34,3 +34,17 @@ def test_bad_input_is_rejected_before_anything_is_queued():
     r = submit("--dry-run", "--nodes=3", "--gpus-per-node=7", "experiment=gpt2-124m")
     assert r.returncode == 2
     assert "train.global_batch: 512 is not divisible by train.micro_batch=16 x world size 21" in r.stderr
+
+
+def test_the_job_check_validates_at_the_jobs_size_and_leaves_a_token_in_the_run_directory(tmp_path):
+    env = {**environment(), "SLURM_NTASKS": "21", "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "3"}
+    cmd = [sys.executable, "-m", "llm.submit", "--job-check", "experiment=gpt2-124m", f"runs_dir={tmp_path}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: train.global_batch: 512 is not divisible by train.micro_batch=16 x world size 21"
+    )
+    assert not any(tmp_path.iterdir())  # nothing written
+    env["SLURM_NTASKS"] = "16"
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    token = tmp_path / "gpt2-124m" / "rendezvous" / "shared.77.3"
+    assert r.returncode == 0 and r.stdout.strip() == str(token) and token.is_file(), r.stderr

@@ -111,6 +111,19 @@ def test_bench_train_smoke(tmp_path, prepared_dir, tokenizer_dir):
 
 
 @pytest.mark.slow
+def test_bench_checkpoint_smoke(tmp_path, prepared_dir, tokenizer_dir):
+    out = tmp_path / "bench.json"
+    data = [f"data.paths=[{prepared_dir}]", f"data.tokenizer={tokenizer_dir}", "data.prepare_if_missing=false"]
+    r = tool("bench_checkpoint.py", "--smoke", "--out", out, *data)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["zero_stage"] == 1 and row["world_size"] == 1 and row["params"] > 100_000
+    assert 15 < row["bytes_per_param"] < 17  # fp32 weights, master copy and two Adam moments
+    assert len(row["save_s"]) == 2 and all(x > 0 for x in row["save_s"]) and row["load_s"] > 0
+    assert row["disk_write_s"] > 0 and row["disk_read_s"] > 0
+
+
+@pytest.mark.slow
 def test_bench_kernels_smoke(tmp_path):
     r = tool("bench_kernels.py", "--smoke", "--out-dir", tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -14,6 +14,8 @@ from helpers import records
 
 import llm.train as train_mod
 from llm.checkpoint import MARKER, CheckpointError, Checkpoints
+from llm.data.tokenizer import Tokenizer
+from llm.model import GPT
 from llm.optim import SkippableAdamW, lr_at
 from llm.train import train
 
@@ -29,8 +31,12 @@ def test_loss_falls_and_the_run_directory_is_complete(cfg_factory):
     assert {p.name for p in run.iterdir()} >= {"config.yaml", "deepspeed.json", "metrics.jsonl", "checkpoints"}
     assert json.loads((run / "deepspeed.json").read_text())["gradient_accumulation_steps"] == 2
     assert (run / "checkpoints" / "latest").read_text() == "step_00000030"
-    start, first = map(json.loads, (run / "metrics.jsonl").read_text().splitlines()[:2])
+    start, *rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
     assert start["event"] == "start" and start["step"] == 0 and start["resumed_from"] is None
+    saves = [r for r in rows if "checkpoint/save_s" in r]
+    assert [r["step"] for r in saves] == [4, 8, 12, 16, 20, 24, 28, 30]
+    assert all(r["checkpoint/save_s"] > 0 and r["checkpoint/bytes"] > 0 for r in saves)
+    first = next(r for r in rows if "train/loss" in r)
     assert set(first) == {
         "step",
         "train/loss",
@@ -59,6 +65,16 @@ def test_resume_is_exact(cfg_factory, stage):
     assert a == b  # bitwise: same floats at every step
     assert records(whole["run_dir"], "val/loss") == records(second["run_dir"], "val/loss")
     assert records(whole["run_dir"], "train/lr") == records(second["run_dir"], "train/lr")
+
+
+def test_zero3_counts_every_parameter_for_mfu(cfg_factory):
+    # n_embd 160: the MLP's 102,400-value matrices are above ZeRO-3's persistence threshold (1e5), so DeepSpeed
+    # partitions them and leaves empty tensors behind on the module
+    cfg = cfg_factory("z3", deepspeed={"stage": 3}, model={"n_embd": 160}, train={"max_steps": 1, "eval_every": 0})
+    out = train(cfg)
+    model = GPT(replace(cfg.model, vocab_size=Tokenizer.load(cfg.data.tokenizer).vocab_size))
+    assert out["params"] == model.num_params() > 400_000
+    assert out["flops_per_token"] == model.flops_per_token(cfg.data.seq_len)
 
 
 def test_lr_schedules():

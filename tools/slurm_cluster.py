@@ -1,8 +1,9 @@
-"""A real Slurm cluster on this machine, for the tests: munge, slurmctld and one slurmd on localhost, or two
-slurmd "nodes" in network namespaces. Everything lives under one directory; every daemon started is stopped
-by its PID. Needs root and Debian's slurmctld, slurmd, slurm-client and munge (installed when missing).
+"""A real Slurm cluster on this machine, for the tests and the preemption benchmark: munge, slurmctld and one
+slurmd on localhost, or two slurmd "nodes" in network namespaces. Everything lives under one directory; every
+daemon started is stopped by its PID. Needs root and Debian's slurmctld, slurmd, slurm-client and munge
+(installed when missing).
 
-    python tests/slurm_cluster.py [--nodes 2]   # start one by hand; prints SLURM_CONF, Ctrl-C stops it
+    python tools/slurm_cluster.py [--nodes 2]   # start one by hand; prints SLURM_CONF, Ctrl-C stops it
 
 The facts behind the configuration (no cgroups here, `localhost` names, RealMemory at most what `slurmd -C`
 reports, `EnforcePartLimits`, namespaces entered with nsenter) are in the project's Slurm notes.
@@ -76,6 +77,9 @@ class Cluster:
         self.dir.chmod(0o755)
         self.pids: list[tuple[str, int]] = []
         self.netns: list[str] = []
+        # on a multi-node cluster the last node's slurmd (and every task it starts) sees an empty private tmpfs
+        # here, not what the other nodes see: a directory that node does not share
+        self.unshared = self.dir / "unshared"
         self.made_netns_dir = False
         self.held_since: dict[tuple, float] = {}
         # sbatch passes its environment on to the job: none of another launcher's variables
@@ -96,6 +100,10 @@ class Cluster:
             for name in names:
                 (self.dir / "spool" / name).mkdir(exist_ok=True)
                 cmd = ["slurmd", "-f", self.env["SLURM_CONF"], "-N", name]
+                if name == names[-1] and self.nodes > 1:
+                    self.unshared.mkdir()
+                    mount = f'mount -t tmpfs unshared "{self.unshared}" && exec "$@"'
+                    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh", *cmd]
                 if name != "localhost":
                     cmd = ["nsenter", f"--net=/run/netns/{name}", *cmd]
                 self._daemon(f"slurmd {name}", cmd, self.dir / f"slurmd.{name}.pid")
