@@ -123,6 +123,15 @@ def test_bench_checkpoint_smoke(tmp_path, prepared_dir, tokenizer_dir):
     assert row["disk_write_s"] > 0 and row["disk_read_s"] > 0
 
 
+def test_bench_generate_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    r = tool("bench_generate.py", "--smoke", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["new_tokens"] == 32 and row["same_tokens"] is True
+    assert row["cached_tokens_per_s"] > 0 and row["recompute_tokens_per_s"] > 0
+
+
 @pytest.mark.slow
 def test_bench_kernels_smoke(tmp_path):
     r = tool("bench_kernels.py", "--smoke", "--out-dir", tmp_path)

@@ -1,0 +1,77 @@
+"""A trained model out of a checkpoint, whatever ZeRO stage and number of ranks wrote it: the run's settings and
+the full fp32 weights, ready for a plain `GPT` on one device (generation, evaluation, export, fine-tuning).
+
+    cfg, model, tokenizer = load_model("runs/demo")   # a run directory, its checkpoints/ or one step_* directory
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from llm.checkpoint import POINTER, CheckpointError, Checkpoints, check_checkpoint, read_pointer
+from llm.config import Config
+from llm.data.tokenizer import Tokenizer
+from llm.model import GPT
+
+MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory a path names: a step directory itself, or the one `latest` points to in a run's
+    checkpoints/ (given the run directory or checkpoints/). Raises CheckpointError saying what it found."""
+    path = Path(path)
+    if (path / "COMPLETE.json").is_file() or path.name.startswith("step_"):
+        tag_dir = path
+    else:
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        tag, why = read_pointer(folder)
+        if tag is None:
+            raise CheckpointError(
+                why or f"{path} holds no checkpoint (no {folder / POINTER}): name a run directory or a step_* directory"
+            )
+        tag_dir = folder / tag
+    problem = check_checkpoint(tag_dir)
+    if problem:
+        raise CheckpointError(problem)
+    return tag_dir
+
+
+def _client_state(tag_dir: Path) -> dict:
+    for name in MODEL_FILES:
+        if (tag_dir / name).is_file():
+            return torch.load(tag_dir / name, map_location="cpu", weights_only=False)
+    raise CheckpointError(f"{tag_dir} has no model states file ({' or '.join(MODEL_FILES)})")
+
+
+def _fp32_weights(tag_dir: Path, states: dict, zero_stage: int) -> dict[str, torch.Tensor]:
+    if zero_stage < 3:  # the module's full weights are in rank 0's model file
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Config, GPT, Tokenizer]:
+    """(the run's config, its model with the checkpoint's weights in eval mode on `device`, its tokenizer)."""
+    tag_dir = find_checkpoint(path)
+    states = _client_state(tag_dir)
+    client = states.get("llm")
+    if not client or "config" not in client:
+        raise CheckpointError(f"{tag_dir} was not written by llm.train (no run settings in it)")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), client["config"]))
+    tok = Tokenizer.load(cfg.data.tokenizer)
+    if tok.sha256 != client.get("tokenizer_sha256"):
+        raise CheckpointError(
+            f"the tokenizer at {cfg.data.tokenizer} is not the one {tag_dir} was trained with (its sha256 differs)"
+        )
+    weights = _fp32_weights(tag_dir, states, Checkpoints.meta(tag_dir)["zero_stage"])
+    model = GPT(cfg.model)
+    if cfg.model.tie_embeddings and "lm_head.weight" not in weights:
+        weights["lm_head.weight"] = weights["wte.weight"]
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{tag_dir} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return cfg, model.to(device).eval(), tok
