@@ -204,13 +204,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     s = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, not args.ignore_eos)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a device (cpu, cuda, cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
     from llm.checkpoint import CheckpointError
     from llm.data.tokenizer import TokenizerError
     from llm.weights import load_model
 
     try:
         s.check()
-        _, model, tok = load_model(args.checkpoint, args.device)
+        _, model, tok = load_model(args.checkpoint, device)
         prompts = [tok.encode(text) for text in args.prompt]
         outputs = generate(model, prompts, s, tok.eos_id, use_cache=not args.no_cache)
     except (GenerationError, CheckpointError, TokenizerError, OSError) as e:

@@ -3,9 +3,11 @@
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+from helpers import flip_bytes
 from launch import ROOT, environment
 
 import llm.train as train_mod
@@ -122,5 +124,12 @@ def test_the_command_line_generates_from_a_run_and_refuses_what_is_not_a_checkpo
     cmd[4] = str(tmp_path)
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=environment(), timeout=300)
     assert r.returncode == 2 and "holds no checkpoint" in r.stderr and r.stderr.count("\n") == 1
+    bad_device = "nonsense" if torch.cuda.is_available() else "cuda:0"
+    r = subprocess.run([*cmd, "--device", bad_device], capture_output=True, text=True, cwd=ROOT, env=environment())
+    assert r.returncode == 2 and "--device" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         load_model(tmp_path)
+    step = Path(out["run_dir"]) / "checkpoints" / "step_00000002"
+    flip_bytes(step / "mp_rank_00_model_states.pt")  # same size, different bytes
+    with pytest.raises(CheckpointError, match="does not match its sha256"):
+        load_model(out["run_dir"])
