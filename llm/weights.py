@@ -2,6 +2,7 @@
 the full fp32 weights, ready for a plain `GPT` on one device (generation, evaluation, export, fine-tuning).
 
     cfg, model, tokenizer = load_model("runs/demo")   # a run directory, its checkpoints/ or one step_* directory
+    cfg, model, tokenizer = load_model("hf:exports/demo")   # a transformers GPT-2 / Llama directory (llm/hf.py)
 """
 
 from __future__ import annotations
@@ -54,8 +55,19 @@ def _fp32_weights(tag_dir: Path, states: dict, zero_stage: int) -> dict[str, tor
     return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Config, GPT, Tokenizer]:
-    """(the run's config, its model with the checkpoint's weights in eval mode on `device`, its tokenizer)."""
+HF_PREFIX = "hf:"
+
+
+def load_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], Tokenizer]:
+    """(the run's config, the full fp32 state dict, its tokenizer) of a checkpoint or, for "hf:DIR", of a
+    transformers directory (its config is the schema's defaults with the model it describes)."""
+    if str(path).startswith(HF_PREFIX):
+        from llm.hf import read_hf
+
+        model_cfg, weights, tok = read_hf(str(path)[len(HF_PREFIX) :])
+        cfg = Config(model=model_cfg)
+        cfg.data.tokenizer = str(tok.directory)
+        return cfg, weights, tok
     tag_dir = find_checkpoint(path)
     states = _client_state(tag_dir)
     client = states.get("llm")
@@ -68,10 +80,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Co
             f"the tokenizer at {cfg.data.tokenizer} is not the one {tag_dir} was trained with (its sha256 differs)"
         )
     weights = _fp32_weights(tag_dir, states, Checkpoints.meta(tag_dir)["zero_stage"])
-    model = GPT(cfg.model)
+    del states
     if cfg.model.tie_embeddings and "lm_head.weight" not in weights:
         weights["lm_head.weight"] = weights["wte.weight"]
+    return cfg, weights, tok
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Config, GPT, Tokenizer]:
+    """(the run's config, its model with the checkpoint's weights in eval mode on `device`, its tokenizer)."""
+    cfg, weights, tok = load_weights(path)
+    model = GPT(cfg.model)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{tag_dir} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise CheckpointError(f"{path} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
     return cfg, model.to(device).eval(), tok

@@ -66,6 +66,14 @@ class Tokenizer:
         sp = spm.SentencePieceProcessor(model_file=str(model))
         return cls(d, sp, meta)
 
+    @classmethod
+    def from_model_file(cls, model: str | Path) -> Tokenizer:
+        """A bare SentencePiece model file (e.g. beside a transformers export), without our sidecar."""
+        model = Path(model)
+        sp = spm.SentencePieceProcessor(model_file=str(model))
+        meta = {"format": FORMAT, "model_file": model.name, "sha256": sha256_file(model), "vocab_size": sp.vocab_size()}
+        return cls(model.parent, sp, meta)
+
     @property
     def sha256(self) -> str:
         return self.meta["sha256"]
