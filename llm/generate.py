@@ -204,15 +204,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     s = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, not args.ignore_eos)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device!r} is not a device (cpu, cuda, cuda:N)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
     from llm.checkpoint import CheckpointError
     from llm.data.tokenizer import TokenizerError
-    from llm.weights import load_model
+    from llm.weights import load_model, parse_device
+
+    try:
+        device = parse_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
 
     try:
         s.check()

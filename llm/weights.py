@@ -58,6 +58,19 @@ def _fp32_weights(tag_dir: Path, states: dict, zero_stage: int) -> dict[str, tor
 HF_PREFIX = "hf:"
 
 
+def parse_device(name: str, local_rank: int = 0) -> torch.device:
+    """A --device argument as a device (a bare "cuda" is this rank's GPU), or ValueError saying what to pass."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
+
+
 def load_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], Tokenizer]:
     """(the run's config, the full fp32 state dict, its tokenizer) of a checkpoint or, for "hf:DIR", of a
     transformers directory (its config is the schema's defaults with the model it describes)."""
