@@ -127,18 +127,28 @@ class Checkpoints:
         return sorted((p for p in self.dir.glob("step_*") if p.is_dir() and TAG.fullmatch(p.name)), reverse=True)
 
     def save(
-        self, engine, step: int, client_state: dict, world_size: int, zero_stage: int, describe: dict, protect=None
+        self,
+        engine,
+        step: int,
+        client_state: dict,
+        world_size: int,
+        zero_stage: int,
+        describe: dict,
+        protect=None,
+        trainable_only: bool = False,
     ) -> Path:
         """Save on every rank; return the checkpoint directory once it is complete and `latest` points to it.
         `describe` goes into COMPLETE.json, readable without loading the checkpoint; `protect` (a checkpoint
-        directory) is never pruned."""
+        directory) is never pruned. `trainable_only` (LoRA) leaves the frozen weights out: they are those of the
+        checkpoint the run was initialised from."""
         tag = tag_for(step)
         tag_dir = self.dir / tag
         if self.rank == 0:  # leftovers of an earlier save of this same step, and its universal form
             shutil.rmtree(tag_dir, ignore_errors=True)
             shutil.rmtree(self.dir / "universal" / tag, ignore_errors=True)
         _barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        only = {"exclude_frozen_parameters": True} if trainable_only else {}
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False, **only)
         _barrier()
         names = [str(p.relative_to(tag_dir)) for p in sorted(tag_dir.rglob("*")) if p.is_file()]
         rank, world = _rank_world()
@@ -285,9 +295,10 @@ class Checkpoints:
             raise CheckpointError(f"converting {tag_dir} to a universal checkpoint failed: {tail[0]}")
         atomic_write_json(out / MARKER, {"from": str(tag_dir), "source_marker_sha256": source})
 
-    def load(self, engine, tag_dir: Path, world_size: int, zero_stage: int) -> dict:
+    def load(self, engine, tag_dir: Path, world_size: int, zero_stage: int, trainable_only: bool = False) -> dict:
         """Load engine state (module, optimizer) and return the client state. A checkpoint from another number
-        of ranks is loaded through its universal form."""
+        of ranks is loaded through its universal form. `trainable_only`: the checkpoint holds only the trainable
+        weights (LoRA), the others are already in the module."""
         meta = self.meta(tag_dir)
         if meta["zero_stage"] != zero_stage:
             raise CheckpointError(
@@ -296,7 +307,9 @@ class Checkpoints:
             )
         universal = self.needs_universal(tag_dir, world_size)
         source = self.universal(tag_dir) if universal else tag_dir
-        _, client = engine.load_checkpoint(str(source.parent), tag=source.name, load_lr_scheduler_states=False)
+        _, client = engine.load_checkpoint(
+            str(source.parent), tag=source.name, load_lr_scheduler_states=False, load_module_strict=not trainable_only
+        )
         if client is None:
             raise CheckpointError(f"DeepSpeed could not load {tag_dir}; it may be damaged, pick another checkpoint")
         if universal and zero_stage == 3:

@@ -121,6 +121,27 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """What fine-tuning (`python -m llm.finetune`, task=sft or classify) starts from and learns. The model's
+    shape and the tokenizer come from `init_from`; model.dropout and model.kernels stay settable."""
+
+    init_from: str = ""  # a pretraining run directory, a checkpoint directory, or hf:DIR (a transformers model)
+    train_file: str = ""  # JSONL: sft {"prompt", "response"} or {"messages": [...]}; classify {"text", "label"}
+    val_file: str | None = None  # the same format; evaluated every train.eval_every steps and at the end
+    pooling: str = "last"  # classify: last (the EOS appended to each text) | mean (over the text's tokens)
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA): with rank > 0 only the adapters (and a classifier's head) train."""
+
+    rank: int = 0  # 0: full fine-tuning
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input
+    targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])  # of qkv, proj, up, gate, down
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -131,6 +152,9 @@ class Config:
     name: str = "demo"  # the run's name; the run directory is <runs_dir>/<name>
     runs_dir: str = "runs"
     resume: str = "auto"  # auto (latest checkpoint of this run, if any) | none | a checkpoint directory
+    task: str = "pretrain"  # pretrain | sft | classify (the last two: python -m llm.finetune)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 def register() -> None:
@@ -271,7 +295,20 @@ RULES = {
     "name": _run_name,
     "runs_dir": _non_empty,
     "resume": _non_empty,
+    "task": _one_of("pretrain", "sft", "classify"),
+    "finetune.init_from": _ok,  # required by the fine-tuning tasks: checked with them below
+    "finetune.train_file": _ok,
+    "finetune.val_file": _optional(_non_empty),
+    "finetune.pooling": _one_of("last", "mean"),
+    "lora.rank": _at_least(0),
+    "lora.alpha": _positive,
+    "lora.dropout": _fraction(high_open=True),
+    "lora.targets": lambda v: (
+        _path_list(v)
+        or next((f"{t!r} is not one of {', '.join(LORA_TARGETS)}" for t in v if t not in LORA_TARGETS), None)
+    ),
 }
+LORA_TARGETS = ("qkv", "proj", "up", "gate", "down")
 
 
 def _type_problem(value, annotation) -> str | None:
@@ -343,3 +380,12 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool = False) -> None:
     )
     _need(not d.offload_optimizer or d.stage >= 2, "deepspeed.offload_optimizer", "needs deepspeed.stage 2 or 3")
     _need(not d.offload_param or d.stage == 3, "deepspeed.offload_param", "needs deepspeed.stage 3")
+    f, lora = cfg.finetune, cfg.lora
+    if cfg.task == "pretrain":
+        _need(lora.rank == 0, "lora.rank", "LoRA adapters are for fine-tuning (python -m llm.finetune, task=sft)")
+    else:
+        _need(bool(f.init_from.strip()), "finetune.init_from", "name the run, checkpoint or hf:DIR to fine-tune")
+        _need(bool(f.train_file.strip()), "finetune.train_file", "name the JSONL file of training examples")
+    if lora.rank:
+        _need(d.stage < 3, "lora.rank", "LoRA runs use deepspeed.stage 0-2 (stage 3 is not supported with adapters)")
+        _need("gate" not in lora.targets or m.mlp == "swiglu", "lora.targets", "gate needs model.mlp=swiglu")

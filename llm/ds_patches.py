@@ -39,3 +39,22 @@ def repair_zero3_universal_load(engine, universal_dir: Path) -> None:
         )
     for group, saved_group in zip(base.param_groups, saved_groups, strict=True):
         group.update({k: v for k, v in saved_group.items() if k != "params"})
+
+
+def exclude_tied_frozen_parameters(engine) -> None:
+    """`save_checkpoint(exclude_frozen_parameters=True)` (DeepSpeed 0.19.8, `DeepSpeedEngine.module_state_dict`)
+    looks frozen parameters up through `named_parameters()`, which names a tied parameter once: the second name
+    of a frozen tied weight (our `lm_head.weight`, the embedding) stays in the checkpoint and a LoRA checkpoint
+    carries the whole embedding. Drop every name of a frozen parameter."""
+    original = engine.module_state_dict
+
+    def module_state_dict(*args, exclude_frozen_parameters=False, **kwargs):
+        sd = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters:
+            prefix = kwargs.get("prefix", "")
+            for name, p in engine.module.named_parameters(remove_duplicate=False):
+                if not p.requires_grad:
+                    sd.pop(prefix + name, None)
+        return sd
+
+    engine.module_state_dict = module_state_dict

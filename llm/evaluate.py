@@ -91,6 +91,8 @@ def evaluate(
     from llm.weights import load_model
 
     cfg, model, tok = load_model(checkpoint, device)
+    if not isinstance(model, GPT):
+        return classify(model, cfg, tok, data, seq_len, batch_size, checkpoint)
     seq = seq_len or cfg.data.seq_len
     if seq > cfg.model.max_seq_len:
         raise ValueError(f"--seq-len {seq} is above the model's max_seq_len {cfg.model.max_seq_len}")
@@ -99,6 +101,32 @@ def evaluate(
         windows = open_windows([path], split, seq, shuffle=False, tokenizer_sha256=tok.sha256)
         results[str(path)] = score(model, windows, tok, batch_size, max_windows, rank, world_size)
     return {"checkpoint": str(checkpoint), "split": split, "seq_len": seq, "data": results}
+
+
+@torch.no_grad()
+def classify(model, cfg, tok: Tokenizer, data: list[str] | None, seq_len: int | None, batch_size: int, checkpoint):
+    """A classifier's full report (llm/classify_metrics.py) on JSONL files of {"text", "label"} (default: the
+    run's finetune.val_file)."""
+    from llm.classify_metrics import report
+    from llm.data.examples import encode_classify
+
+    files = data or ([cfg.finetune.val_file] if cfg.finetune.val_file else [])
+    if not files:
+        raise ValueError("this classifier's run had no finetune.val_file: name a JSONL file with --data")
+    device, results = next(model.parameters()).device, {}
+    for path in files:
+        rows, _ = encode_classify(path, tok, seq_len or cfg.data.seq_len, model.labels)
+        logits = [
+            model(
+                torch.from_numpy(rows["idx"][i : i + batch_size]).to(device),
+                torch.from_numpy(rows["lengths"][i : i + batch_size]).to(device),
+            )
+            .double()
+            .cpu()
+            for i in range(0, len(rows["idx"]), batch_size)
+        ]
+        results[str(path)] = report(torch.cat(logits).numpy(), rows["labels"], model.labels)
+    return {"checkpoint": str(checkpoint), "classifier": True, "data": results}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,7 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
-    p.add_argument("--output", default=None, help="also write the results to this JSON file")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="also write the results to this JSON file (a classifier: to this "
+        "directory, metrics.json with roc.png and confusion.png, one subdirectory per file if several)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     for name in ("batch_size", "max_windows", "seq_len"):
@@ -120,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     from llm import distributed as D
     from llm.checkpoint import CheckpointError
+    from llm.data.examples import ExampleError
     from llm.data.shards import ShardError
     from llm.data.tokenizer import TokenizerError
     from llm.weights import parse_device
@@ -140,13 +174,26 @@ def main(argv: list[str] | None = None) -> None:
             env.rank,
             env.world_size,
         )
-    except (CheckpointError, ShardError, TokenizerError, ValueError, OSError) as e:
+    except (CheckpointError, ShardError, TokenizerError, ExampleError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if env.world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if env.rank != 0:
+        return
+    if result.get("classifier"):
+        from llm.classify_metrics import write_report
+
+        for path, r in result["data"].items():
+            auc = "n/a" if r["roc_auc"] is None else f"{r['roc_auc']:.4f}"
+            print(
+                f"{path}: accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}, ROC-AUC {auc}, "
+                f"loss {r['loss']:.4f} ({r['examples']} examples)"
+            )
+            if args.output:
+                several = len(result["data"]) > 1
+                write_report(r, Path(args.output) / Path(path).stem if several else Path(args.output))
         return
     for path, r in result["data"].items():
         bpb = "n/a" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"

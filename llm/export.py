@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     try:
-        cfg, weights, tok = load_weights(args.checkpoint)
+        cfg, weights, tok, labels = load_weights(args.checkpoint)
+        if labels is not None:
+            raise ExportError(f"{args.checkpoint} is a classifier (task=classify); only language models are exported")
         from llm.hf import family
 
         family(cfg.model)  # refuse before writing anything

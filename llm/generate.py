@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         s.check()
         _, model, tok = load_model(args.checkpoint, device)
+        if not hasattr(model, "lm_head"):
+            raise GenerationError(f"{args.checkpoint} is a classifier (task=classify): it does not generate text")
         prompts = [tok.encode(text) for text in args.prompt]
         outputs = generate(model, prompts, s, tok.eos_id, use_cache=not args.no_cache)
     except (GenerationError, CheckpointError, TokenizerError, OSError) as e:

@@ -154,12 +154,16 @@ class MetricsLogger:
             "tok/s": "perf/tokens_per_s",
             "mfu": "perf/mfu",
             "val": "val/loss",
+            "acc": "val/accuracy",
+            "f1": "val/macro_f1",
         }
         post = {}
         for short, key in shown.items():
             if key in metrics:
                 v = metrics[key]
                 post[short] = f"{v:.3g}" if short != "mfu" else f"{100 * v:.1f}%"
+        if not post:  # e.g. a checkpoint's save time: in metrics.jsonl and W&B only
+            return
         self.bar.set_postfix(post, refresh=False)
         if self.bar.disable:  # no terminal (a batch job's log): one line per record instead of a bar
             print(f"step {step}: " + " ".join(f"{k}={v}" for k, v in post.items()), file=sys.stderr, flush=True)

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import kernels
 from llm.config import ModelConfig
 
+IGNORE = -100  # a target that contributes no loss (F.cross_entropy's default ignore_index)
+
 
 def padded_vocab(cfg: ModelConfig) -> int:
     return math.ceil(cfg.vocab_size / cfg.pad_vocab_to) * cfg.pad_vocab_to
@@ -157,8 +159,20 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, doc_ids=None, cache=None, positions=None):
-        """idx (B, T) token ids -> logits (B, T, vocab_size); with targets (B, T), the mean cross-entropy.
-        Generation passes a KV cache (llm.generate) and each token's position (B, T)."""
+        """idx (B, T) token ids -> logits (B, T, vocab_size); with targets (B, T), the mean cross-entropy over the
+        targets that are not IGNORE (fine-tuning's prompt and padding tokens: exactly zero loss and gradient).
+        Generation passes a KV cache (llm.generate); packed fine-tuning examples and generation pass each
+        token's position (B, T)."""
+        h = self.hidden(idx, doc_ids, cache, positions)
+        logits = self.lm_head(h)[..., : self.cfg.vocab_size]  # padding rows are never predicted
+        if targets is None:
+            return logits
+        flat = targets.reshape(-1)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), flat, ignore_index=IGNORE, reduction="sum")
+        return loss / (flat != IGNORE).sum().clamp(min=1)
+
+    def hidden(self, idx, doc_ids=None, cache=None, positions=None):
+        """The final normed hidden states (B, T, n_embd): what the head (or a classifier) reads."""
         B, T = idx.shape
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
@@ -175,11 +189,7 @@ class GPT(nn.Module):
                 x, residual = torch.utils.checkpoint.checkpoint(block, x, residual, doc_ids, rope, use_reentrant=False)
             else:
                 x, residual = block(x, residual, doc_ids, rope, None if cache is None else cache.layers[i])
-        h = self.norm_f(x) if residual is None else self.norm_f(x, residual)[0]
-        logits = self.lm_head(h)[..., : self.cfg.vocab_size]  # padding rows are never predicted
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return self.norm_f(x) if residual is None else self.norm_f(x, residual)[0]
 
     def num_params(self) -> int:
         """Parameters as the model defines them: shared (tied) tensors once, vocabulary padding rows excluded."""

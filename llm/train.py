@@ -18,7 +18,6 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
@@ -28,10 +27,10 @@ from llm.checkpoint import CheckpointError, Checkpoints, check_checkpoint, tag_f
 from llm.compose import load_config, run_dir_of, run_dir_problem
 from llm.config import Config, ConfigError, validate
 from llm.data.corpus import CorpusError
-from llm.data.dataset import BatchLoader, open_windows
-from llm.data.prepare import ensure_data
+from llm.data.examples import ExampleError
 from llm.data.shards import ShardError
 from llm.data.tokenizer import Tokenizer, TokenizerError
+from llm.ds_patches import exclude_tied_frozen_parameters
 from llm.faults import NonFiniteGuard, RankFailure, StopSignal, TrainingStopped, is_peer_failure, weights_finite
 from llm.metrics import DevicePeak, MetricsLogger, new_run_id
 from llm.model import GPT
@@ -40,8 +39,19 @@ from llm.outcome import Recorder
 from llm.preflight import PreflightError, preflight
 from llm.rng import rng_state, seed_everything, set_rng_state
 from llm.slurm import LaunchError
+from llm.tasks import evaluate, make_task, to_device
 
-BAD_INPUT = (ConfigError, CheckpointError, ShardError, TokenizerError, CorpusError, LaunchError, PreflightError)
+BAD_INPUT = (
+    ConfigError,
+    CheckpointError,
+    ShardError,
+    TokenizerError,
+    CorpusError,
+    LaunchError,
+    PreflightError,
+    ExampleError,
+)
+__all__ = ["evaluate", "train", "main"]
 
 
 def all_max(values: list[float], device) -> list[float]:
@@ -50,34 +60,9 @@ def all_max(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def all_mean(value: torch.Tensor) -> float:
-    t = value.detach().float().clone()
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
 def grad_norm_of(model: torch.nn.Module) -> float:
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return torch.stack(norms).norm().item() if norms else 0.0
-
-
-def to_device(batch, device):
-    return batch.input_ids.to(device), batch.targets.to(device), batch.doc_ids.to(device)
-
-
-@torch.no_grad()
-def evaluate(engine, windows, cfg: Config, env: D.DistEnv, device, eos_id: int) -> float:
-    """Mean loss over the first eval_batches global batches of the val split: the same windows every time,
-    whatever the number of ranks."""
-    t = cfg.train
-    loader = BatchLoader(windows, t.global_batch, t.micro_batch, eos_id, env.rank, env.world_size)
-    n = max(1, min(t.eval_batches, windows.n // t.global_batch)) * loader.grad_accum
-    engine.eval()
-    total = torch.zeros((), device=device)
-    for _ in range(n):
-        total += engine(*to_device(next(loader), device)).float()
-    engine.train()
-    return all_mean(total / n)
 
 
 def sample_text(model: GPT, tok: Tokenizer, n_tokens: int, seed: int, device, prompt: str = "def ") -> str:
@@ -87,19 +72,6 @@ def sample_text(model: GPT, tok: Tokenizer, n_tokens: int, seed: int, device, pr
     out = model.generate(ids, n_tokens, generator=g)
     model.train()
     return tok.decode(out[0].tolist())
-
-
-def build_model(cfg: Config, tok: Tokenizer) -> GPT:
-    vocab = cfg.model.vocab_size or tok.vocab_size
-    if vocab < tok.vocab_size:
-        raise ConfigError(f"model.vocab_size: {vocab} is smaller than the tokenizer's {tok.vocab_size}")
-    cfg.model = dataclasses.replace(cfg.model, vocab_size=vocab)
-    model = GPT(cfg.model)
-    model.activation_checkpointing = cfg.train.activation_checkpointing
-    if cfg.train.compile:
-        for block in model.blocks:  # in place: state-dict keys stay those of the plain model
-            block.compile()
-    return model
 
 
 def check_resumable(meta: dict, cfg: Config, tok: Tokenizer, path: Path) -> None:
@@ -161,16 +133,18 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
     t = cfg.train
     run_dir = run_dir_of(cfg)
 
+    task = make_task(cfg, env, run_dir)
+
     def prepare_on_rank0() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        ensure_data(cfg.data)
+        task.prepare()
 
     D.on_rank0(prepare_on_rank0, (*BAD_INPUT, OSError))
-    tok = Tokenizer.load(cfg.data.tokenizer)
+    tok = task.setup()
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(t.seed)  # the same initial weights on every rank
-    model = build_model(cfg, tok)
+    model = task.build_model()
     optimizer = build_optimizer(model, cfg.optim)
     ds_config = D.deepspeed_config(cfg, env.world_size, sum(p.numel() for p in model.parameters()))
     if env.rank == 0:
@@ -191,21 +165,18 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
 
     where["phase"] = "engine start-up"
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if task.lora:
+        exclude_tied_frozen_parameters(engine)
     seed_everything(t.seed + 1000 * env.rank)  # per-rank randomness (dropout) from here on
 
     seq = cfg.data.seq_len
-    windows = open_windows(cfg.data.paths, "train", seq, t.seed, cfg.data.weights, tokenizer_sha256=tok.sha256)
-    loader = BatchLoader(windows, t.global_batch, t.micro_batch, tok.eos_id, env.rank, env.world_size)
-    try:
-        val_windows = open_windows(cfg.data.paths, "val", seq, t.seed, cfg.data.weights, shuffle=False)
-    except ShardError:
-        val_windows = None  # too little val data for one window: evaluation is skipped (said below)
+    loader = task.loader()
 
     start, tokens_seen, skipped, run_id = 0, 0, 0, new_run_id()
     if resume_from is not None:
         where["phase"] = "checkpoint load"
         t0 = time.perf_counter()
-        state = ckpts.load(engine, resume_from, env.world_size, cfg.deepspeed.stage)["llm"]
+        state = ckpts.load(engine, resume_from, env.world_size, cfg.deepspeed.stage, task.lora)["llm"]
         start, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
         run_id = state["wandb_run_id"]
         loader.load_state_dict(state["data"])
@@ -219,8 +190,8 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
     )
     if resume_from is not None:
         log.print(f"resumed from {resume_from} at step {start} (checked and loaded in {load_s:.1f} s)")
-    if val_windows is None:
-        log.print("val split too small for one window: evaluation is skipped")
+    for note in task.notes:
+        log.print(note)
     peak = DevicePeak(device, t.peak_tflops)
     flops_per_token = model.flops_per_token(seq)
     log.print(
@@ -243,11 +214,14 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
             "tokenizer_sha256": tok.sha256,
             "wandb_run_id": run_id,
             "world_size": env.world_size,
+            **task.client(),
         }
         # under one key: DeepSpeed drops client keys that share a name with its own (e.g. skipped_steps)
         describe = {"model": dataclasses.asdict(cfg.model), "tokenizer_sha256": tok.sha256}
         t0 = time.perf_counter()
-        path = ckpts.save(engine, step, {"llm": client}, env.world_size, cfg.deepspeed.stage, describe, guard.proven)
+        path = ckpts.save(
+            engine, step, {"llm": client}, env.world_size, cfg.deepspeed.stage, describe, guard.proven, task.lora
+        )
         seconds, size = time.perf_counter() - t0, Checkpoints.size(path)
         log.log(step, {"checkpoint/save_s": seconds, "checkpoint/bytes": size})
         guard.saved(path)
@@ -285,7 +259,7 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
             logs_now = (step + 1) % cfg.logger.log_every == 0 or step + 1 in (t.max_steps, last_step)
             nonfinite, grad_norm = torch.zeros((), device=device), None
             for micro in range(loader.grad_accum):
-                loss = engine(*to_device(next(loader), device))
+                loss = engine(**to_device(next(loader), device))
                 finite = torch.isfinite(loss.detach())
                 nonfinite = torch.maximum(nonfinite, (~finite).float())
                 loss_sum += torch.where(finite, loss.detach().float(), 0.0)
@@ -329,10 +303,12 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
                 log.log(done, metrics)
                 interval_t0, interval_tokens = time.time(), 0
                 loss_sum, loss_n = torch.zeros((), device=device), torch.zeros((), device=device)
-            if val_windows is not None and ((t.eval_every and done % t.eval_every == 0) or done == t.max_steps):
+            if (t.eval_every and done % t.eval_every == 0) or done == t.max_steps:
                 where["phase"] = "evaluation"
-                val_loss = evaluate(engine, val_windows, cfg, env, device, tok.eos_id)
-                log.log(done, {"val/loss": val_loss, "val/ppl": float(np.exp(min(val_loss, 50.0)))})
+                val_metrics = task.evaluate(engine, device, final=done == t.max_steps)
+                if val_metrics is not None:
+                    val_loss = val_metrics["val/loss"]
+                    log.log(done, val_metrics)
             end_of_run = done == last_step
             if not ((t.ckpt_every_steps and done % t.ckpt_every_steps == 0) or due or stop_now or end_of_run):
                 continue
@@ -355,7 +331,7 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
                 log.print(f"stopped by {stopped_by} at step {done}; {saved}")
                 break
         sample = None
-        if env.rank == 0 and t.sample_tokens and cfg.deepspeed.stage < 3 and done == t.max_steps:
+        if env.rank == 0 and task.can_sample and t.sample_tokens and cfg.deepspeed.stage < 3 and done == t.max_steps:
             sample = sample_text(engine.module, tok, t.sample_tokens, t.seed, device)
             log.print("sample:\n" + sample)
     finally:
@@ -380,19 +356,21 @@ USAGE = """usage: python -m llm.train [--cfg] [key=value | group=option ...]
 
 Groups: model (tiny gpt2-124m gpt2-350m gpt2-774m llama-1b llama-7b), data, optim (adamw wsd),
 deepspeed (zero0 zero1 zero2 zero3 zero3-offload), logger (wandb-offline wandb-online none),
-experiment (demo gpt2-124m gpt2-350m gpt2-774m llama-1b llama-7b). --cfg prints the resolved config.
+experiment (demo gpt2-124m gpt2-350m gpt2-774m llama-1b llama-7b), task (pretrain sft classify: see
+python -m llm.finetune --help), lora (none r8 r16-mlp). --cfg prints the resolved config.
 Exit codes (also in <run_dir>/outcome/, read by `python -m llm.outcome`): 0 finished or paused, 1 crashed,
 2 bad input, 3 non-finite losses, 4 interrupted by a signal (checkpoint saved), 5 a rank died or hung."""
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, usage: str = USAGE) -> None:
+    """The entry point of `python -m llm.train` and, with its own usage text, of `python -m llm.finetune`."""
     started = time.time()
     args = list(sys.argv[1:] if argv is None else argv)
     for arg in [a for a in args if a.startswith("--local_rank")]:  # the deepspeed launcher passes --local_rank=N
         os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1] if "=" in arg else "0")
         args.remove(arg)
     if "-h" in args or "--help" in args:
-        print(USAGE)
+        print(usage)
         return
     show = "--cfg" in args
     args = [a for a in args if a != "--cfg"]

@@ -8,6 +8,7 @@ the full fp32 weights, ready for a plain `GPT` on one device (generation, evalua
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from omegaconf import OmegaConf
@@ -15,6 +16,7 @@ from omegaconf import OmegaConf
 from llm.checkpoint import POINTER, CheckpointError, Checkpoints, check_checkpoint, read_pointer
 from llm.config import Config
 from llm.data.tokenizer import Tokenizer
+from llm.lora import merge
 from llm.model import GPT
 
 MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
@@ -71,16 +73,23 @@ def parse_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def load_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], Tokenizer]:
-    """(the run's config, the full fp32 state dict, its tokenizer) of a checkpoint or, for "hf:DIR", of a
-    transformers directory (its config is the schema's defaults with the model it describes)."""
+class Weights(NamedTuple):
+    cfg: Config  # the run's settings (for hf:DIR, the schema's defaults with the model it describes)
+    weights: dict[str, torch.Tensor]  # the full fp32 state dict, adapters merged
+    tok: Tokenizer
+    labels: list[str] | None  # a classifier's classes, in the order of its outputs
+
+
+def load_weights(path: str | Path) -> Weights:
+    """The settings, full weights and tokenizer of a checkpoint (any ZeRO stage, any number of ranks; a LoRA
+    run's adapters merged into the weights it was initialised from) or of a transformers directory "hf:DIR"."""
     if str(path).startswith(HF_PREFIX):
         from llm.hf import read_hf
 
         model_cfg, weights, tok = read_hf(str(path)[len(HF_PREFIX) :])
         cfg = Config(model=model_cfg)
         cfg.data.tokenizer = str(tok.directory)
-        return cfg, weights, tok
+        return Weights(cfg, weights, tok, None)
     tag_dir = find_checkpoint(path)
     states = _client_state(tag_dir)
     client = states.get("llm")
@@ -94,15 +103,25 @@ def load_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], Tok
         )
     weights = _fp32_weights(tag_dir, states, Checkpoints.meta(tag_dir)["zero_stage"])
     del states
-    if cfg.model.tie_embeddings and "lm_head.weight" not in weights:
-        weights["lm_head.weight"] = weights["wte.weight"]
-    return cfg, weights, tok
+    prefix = "trunk." if cfg.task == "classify" else ""
+    if cfg.lora.rank:  # only the adapters (and a head) were saved: add them to the weights the run started from
+        base = load_weights(client["init_checkpoint"]).weights
+        weights = merge({**{prefix + k: v for k, v in base.items()}, **weights}, cfg.lora)
+    if cfg.model.tie_embeddings and prefix + "lm_head.weight" not in weights:
+        weights[prefix + "lm_head.weight"] = weights[prefix + "wte.weight"]
+    return Weights(cfg, weights, tok, client.get("labels"))
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Config, GPT, Tokenizer]:
-    """(the run's config, its model with the checkpoint's weights in eval mode on `device`, its tokenizer)."""
-    cfg, weights, tok = load_weights(path)
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Config, torch.nn.Module, Tokenizer]:
+    """(the run's config, its model with the checkpoint's weights in eval mode on `device`, its tokenizer). The
+    model is a GPT, or for a classification run a Classifier (llm/classifier.py) with its `labels`."""
+    cfg, weights, tok, labels = load_weights(path)
     model = GPT(cfg.model)
+    if cfg.task == "classify":
+        from llm.classifier import Classifier
+
+        model = Classifier(model, len(labels), cfg.finetune.pooling)
+        model.labels = labels
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")

@@ -178,6 +178,15 @@ BAD_VALUES = {
     "name": ("a/b", "name: 'a/b' must be a single directory name"),
     "runs_dir": ("", "runs_dir: must not be empty"),
     "resume": ("", "resume: must not be empty"),
+    "task": ("dpo", "task: 'dpo' is not one of pretrain, sft, classify"),
+    "finetune.init_from": (3, "finetune.init_from: expected a string, got 3"),
+    "finetune.train_file": (None, "finetune.train_file: expected a string, got None"),
+    "finetune.val_file": ("", "finetune.val_file: must not be empty"),
+    "finetune.pooling": ("cls", "finetune.pooling: 'cls' is not one of last, mean"),
+    "lora.rank": (-1, "lora.rank: -1 must be at least 0"),
+    "lora.alpha": (0, "lora.alpha: 0 must be a positive number"),
+    "lora.dropout": (1.0, "lora.dropout: 1.0 is not in [0, 1)"),
+    "lora.targets": (["qkv", "attn"], "lora.targets: 'attn' is not one of qkv, proj, up, gate, down"),
 }
 
 

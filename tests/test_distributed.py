@@ -53,7 +53,7 @@ def export_matches(sharded, reference_run) -> None:
     from llm.weights import load_model, load_weights
 
     assert len(list(sharded.glob("*optim_states.pt"))) == 2
-    cfg, weights, tok = load_weights(sharded)
+    cfg, weights, tok, _ = load_weights(sharded)
     write_hf(cfg.model, weights, tok, sharded.parent.parent / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(sharded.parent.parent / "hf").eval()
     _, model, _ = load_model(reference_run / "checkpoints" / sharded.name)

@@ -50,6 +50,8 @@ class Tokenizer:
     def load(cls, directory: str | Path) -> Tokenizer:
         d = Path(directory)
         model, sidecar = d / MODEL_FILE, d / SIDECAR_FILE
+        if model.is_file() and (d / "tokenizer_config.json").is_file():  # a transformers export (llm/hf.py)
+            return cls.from_model_file(model)
         for f in (model, sidecar):
             if not f.is_file():
                 raise TokenizerError(f"tokenizer file missing: {f}; train one with tools/train_tokenizer.py")

@@ -1,0 +1,271 @@
+"""Fine-tuning (llm/tasks.py, llm/data/examples.py, llm/lora.py, llm/classifier.py): the training loop with
+task=sft or task=classify, from a pretraining run, with or without LoRA."""
+
+import json
+import random
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers import make_cfg, records
+from launch import ROOT, environment
+
+from llm.checkpoint import CheckpointError, Checkpoints
+from llm.classifier import Classifier
+from llm.config import ConfigError, LoraConfig, ModelConfig
+from llm.data.examples import ExampleError, pack_sft
+from llm.data.tokenizer import Tokenizer
+from llm.lora import add_lora, merge
+from llm.model import GPT, IGNORE
+from llm.train import train
+from llm.weights import load_model, load_weights
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def sft_rows(n, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for _i in range(n):
+        words = rng.choices(WORDS, k=rng.randint(1, 4))
+        rows.append({"prompt": f"reverse: {' '.join(words)}\n", "response": " ".join(reversed(words))})
+    rows.append(
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "alpha?"},
+                {"role": "assistant", "content": "beta"},
+            ]
+        }
+    )
+    return rows
+
+
+def classify_rows(n, seed=0):
+    rng = random.Random(seed)
+    kinds = {"greek": WORDS, "digits": [str(d) for d in range(10)], "json": ["{", "}", '"key":', "[1, 2]", "null"]}
+    return [
+        {"text": " ".join(rng.choices(kinds[k], k=rng.randint(2, 6))), "label": k}
+        for k in rng.choices(sorted(kinds), k=n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, prepared_dir, tokenizer_dir):
+    """A short pretraining run to fine-tune, and fine-tuning files."""
+    root = tmp_path_factory.mktemp("ft")
+    out = train(make_cfg(root, prepared_dir, tokenizer_dir, "base", train={"max_steps": 4}))
+    files = {
+        "sft_train": write_jsonl(root / "sft_train.jsonl", sft_rows(60)),
+        "sft_val": write_jsonl(root / "sft_val.jsonl", sft_rows(12, seed=1)),
+        "cls_train": write_jsonl(root / "cls_train.jsonl", classify_rows(64)),
+        "cls_val": write_jsonl(root / "cls_val.jsonl", classify_rows(24, seed=1)),
+    }
+    return {"run": out["run_dir"], "root": root, **files}
+
+
+def ft_cfg(base, tmp_path, name, task="sft", **sections):
+    cfg = make_cfg(tmp_path, tmp_path, tmp_path, name, **sections)
+    cfg.task = task
+    key = "sft" if task == "sft" else "cls"
+    cfg.finetune = replace(
+        cfg.finetune,
+        init_from=base["run"],
+        train_file=base[f"{key}_train"],
+        val_file=base[f"{key}_val"],
+        **sections.get("finetune", {}),
+    )
+    cfg.train = replace(cfg.train, max_steps=6, eval_every=3, ckpt_every_steps=3, **sections.get("train", {}))
+    cfg.optim = replace(cfg.optim, lr=3e-3, grad_clip=0.0)
+    return cfg
+
+
+def nll(logits, targets):
+    """The mean loss over the non-ignored targets, in the logits' precision (float64 here)."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+
+def test_packed_examples_give_exactly_the_loss_of_each_example_alone_on_its_responses(tokenizer_dir, tmp_path):
+    tok = Tokenizer.load(tokenizer_dir)
+    rows = sft_rows(3)[:3]
+    arrays, stats = pack_sft(write_jsonl(tmp_path / "t.jsonl", rows), tok, 64)
+    assert stats.rows == 1 and stats.examples == 3  # all three in one window
+    idx, targets, docs, pos = (torch.from_numpy(arrays[k]) for k in ("idx", "targets", "doc_ids", "positions"))
+    assert docs[0].unique().tolist() == [0, 1, 2, 3]  # three examples and the padding
+    for d, row in enumerate(rows):
+        at = docs[0] == d
+        assert pos[0][at].tolist() == list(range(int(at.sum())))  # positions restart per example
+        trained = targets[0][at][targets[0][at] != IGNORE].tolist()
+        assert trained == tok.encode(row["response"]) + [tok.eos_id]  # the response and EOS, nothing else
+    for cfg in (
+        ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_embd=32, max_seq_len=64),
+        ModelConfig(
+            vocab_size=tok.vocab_size,
+            n_layer=2,
+            n_head=4,
+            n_embd=32,
+            max_seq_len=64,
+            norm="rmsnorm",
+            pos="rope",
+            mlp="swiglu",
+            n_kv_head=2,
+            kernels="torch",
+        ),
+    ):
+        torch.manual_seed(0)
+        model = GPT(cfg).double()
+        packed = nll(model(idx, doc_ids=docs, positions=pos), targets)
+        total, count = 0.0, 0
+        for row in rows:  # each example alone, unpadded, positions from 0: summed over its response targets
+            p, r = tok.encode(row["prompt"]), tok.encode(row["response"]) + [tok.eos_id]
+            x, y = torch.tensor([p + r[:-1]]), torch.tensor([[IGNORE] * (len(p) - 1) + r])
+            total, count = total + nll(model(x), y).item() * len(r), count + len(r)
+        assert packed.item() == pytest.approx(total / count, rel=1e-12)
+        assert model(idx, targets, docs, positions=pos).item() == pytest.approx(packed.item(), rel=1e-6)  # fp32 loss
+
+
+def test_sft_resumes_exactly_and_its_checkpoint_generates(base, tmp_path):
+    whole = train(ft_cfg(base, tmp_path, "whole"))
+    assert whole["outcome"] == "finished" and whole["val_loss"] is not None
+    for _ in range(2):
+        out = train(ft_cfg(base, tmp_path, "chain", train={"steps_per_run": 3}))
+    assert out["outcome"] == "finished"
+    run = tmp_path / "runs"
+    assert records(run / "whole") == records(run / "chain") and len(records(run / "whole")) == 6
+    assert records(run / "whole", "val/loss") == records(run / "chain", "val/loss")
+    init = json.loads((run / "chain" / "init_from.json").read_text())
+    assert init["path"].endswith("step_00000004") and init["requested"] == base["run"]
+    cfg, model, tok = load_model(run / "chain")
+    assert isinstance(model, GPT) and cfg.task == "sft" and cfg.model.vocab_size == tok.vocab_size
+    assert not torch.equal(model.wte.weight, load_model(base["run"])[1].wte.weight)  # it did train
+
+
+def test_lora_trains_only_adapters_saves_them_alone_and_merges_exactly(base, tmp_path):
+    cfg = ft_cfg(base, tmp_path, "lora", deepspeed={"stage": 2})
+    cfg.lora = LoraConfig(rank=4, alpha=8.0, targets=["qkv", "proj", "up"])
+    whole = train(cfg)
+    chain = replace(cfg, name="lora-chain", train=replace(cfg.train, steps_per_run=3))
+    train(chain)
+    train(chain)
+    run = tmp_path / "runs"
+    assert records(run / "lora") == records(run / "lora-chain")  # exact resume of adapters and their optimizer
+    full = train(ft_cfg(base, tmp_path, "full", deepspeed={"stage": 2}))
+    lora_ckpt = Checkpoints.size(run / "lora" / "checkpoints" / "step_00000006")
+    full_ckpt = Checkpoints.size(run / "full" / "checkpoints" / "step_00000006")
+    assert lora_ckpt < full_ckpt / 5, (lora_ckpt, full_ckpt)
+    assert whole["val_loss"] < full["val_loss"] * 1.5  # it learned something
+    # the base weights did not move: the merged model differs from the base only in the adapted projections
+    merged, base_w = load_weights(run / "lora").weights, load_weights(base["run"]).weights
+    changed = sorted(k for k in base_w if not torch.equal(merged[k], base_w[k]))
+    assert changed and all(k.endswith(("attn.qkv.weight", "attn.proj.weight", "mlp.up.weight")) for k in changed)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_merged_adapters_give_the_outputs_of_the_adapted_model(family):
+    cfg = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_embd=32, max_seq_len=32)
+    if family == "llama":
+        cfg = replace(cfg, norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, n_kv_head=2)
+    torch.manual_seed(0)
+    model = GPT(cfg).double()
+    plain = GPT(cfg).double()
+    plain.load_state_dict(model.state_dict())
+    lora = LoraConfig(
+        rank=4, alpha=8.0, targets=["qkv", "proj", "up", "down"] + (["gate"] if family == "llama" else [])
+    )
+    add_lora(model, lora)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_b" in n:
+                p.normal_(0, 0.1)  # trained adapters (they start at zero)
+    plain.load_state_dict(merge(model.state_dict(), lora))
+    x = torch.randint(0, 97, (2, 32))
+    assert (model(x) - plain(x)).abs().max().item() < 1e-10
+    assert (model(x) - GPT(cfg).double()(x)).abs().max().item() > 1e-3
+
+
+def test_classifier_reports_metrics_and_plots_and_loads(base, tmp_path):
+    cfg = ft_cfg(base, tmp_path, "cls", task="classify", finetune={"pooling": "mean"})
+    out = train(cfg)
+    assert out["outcome"] == "finished"
+    report = json.loads((tmp_path / "runs" / "cls" / "eval" / "metrics.json").read_text())
+    assert report["labels"] == ["digits", "greek", "json"] and report["examples"] == 24
+    assert set(report["per_class"]["json"]) == {"precision", "recall", "f1", "support"}
+    assert sum(map(sum, report["confusion_matrix"])) == 24 and 0 <= report["roc_auc"] <= 1
+    for png in ("roc.png", "confusion.png"):
+        assert (tmp_path / "runs" / "cls" / "eval" / png).read_bytes()[:4] == b"\x89PNG"
+    assert records(tmp_path / "runs" / "cls", "val/accuracy")[6] == report["accuracy"]
+    _, model, tok = load_model(tmp_path / "runs" / "cls")
+    assert isinstance(model, Classifier) and model.labels == report["labels"]
+    # the command line scores a JSONL file with the loaded classifier: the run's own numbers
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llm.evaluate",
+            "--checkpoint",
+            str(tmp_path / "runs" / "cls"),
+            "--data",
+            base["cls_val"],
+            "--output",
+            str(tmp_path / "again"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=environment(),
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["accuracy"] == report["accuracy"] and again["confusion_matrix"] == report["confusion_matrix"]
+    assert again["loss"] == pytest.approx(report["loss"], abs=1e-6) and "accuracy" in r.stdout
+
+
+def test_bad_fine_tuning_input_is_refused_in_one_line_before_training(base, tmp_path):
+    bad_lines = tmp_path / "bad.jsonl"
+    cases = [
+        ({"train_file": str(tmp_path / "missing.jsonl")}, ExampleError, "no such file"),
+        (
+            {"train_file": write_jsonl(bad_lines, [{"prompt": "x"}])},
+            ExampleError,
+            "bad.jsonl:1: needs 'prompt' and 'response'",
+        ),
+        (
+            {"val_file": write_jsonl(tmp_path / "v.jsonl", [{"prompt": "a", "response": 3}])},
+            ExampleError,
+            "v.jsonl:1: 'response' must be a non-empty string",
+        ),
+        ({"init_from": str(tmp_path)}, CheckpointError, "holds no checkpoint"),
+    ]
+    for i, (fields, error, message) in enumerate(cases):
+        cfg = ft_cfg(base, tmp_path, f"bad{i}")
+        cfg.finetune = replace(cfg.finetune, **fields)
+        with pytest.raises(error, match=message) as e:
+            train(cfg)
+        assert "\n" not in str(e.value)
+    cfg = ft_cfg(base, tmp_path, "badlabel", task="classify")
+    cfg.finetune = replace(cfg.finetune, val_file=write_jsonl(tmp_path / "l.jsonl", [{"text": "x", "label": "other"}]))
+    with pytest.raises(ExampleError, match="label 'other' is not one of the training labels"):
+        train(cfg)
+    cfg = ft_cfg(base, tmp_path, "seq", data={"seq_len": 128})  # the base model has 64 positions
+    with pytest.raises(ConfigError, match="data.seq_len: 128 is above model.max_seq_len=64"):
+        train(cfg)
+    # the command line: exit 2, one line, for a bad task setting
+    r = subprocess.run(
+        [sys.executable, "-m", "llm.finetune", "lora.rank=4", "lora.targets=[qkv,mlp]"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=environment(),
+        timeout=120,
+    )
+    assert r.returncode == 2 and r.stderr.startswith("error: lora.targets: 'mlp' is not one of")
+    assert r.stderr.count("\n") == 1
