@@ -1,4 +1,5 @@
-"""Submit a pretraining job to Slurm after checking it, or only show what would run:
+"""Submit a pretraining or fine-tuning job (task=sft|classify: slurm/finetune.sbatch) to Slurm after checking it,
+or only show what would run:
 
     python -m llm.submit --dry-run --nodes=2 experiment=gpt2-124m deepspeed=zero3 name=my-run
     python -m llm.submit --nodes=2 --gpus-per-node=8 --qos=high experiment=gpt2-124m name=my-run
@@ -32,7 +33,7 @@ from llm.compose import load_config, run_dir_of
 from llm.config import ConfigError, validate
 from llm.distributed import deepspeed_config
 
-SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "pretrain.sbatch"
+SCRIPTS = Path(__file__).resolve().parent.parent / "slurm"
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
@@ -50,7 +51,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
     return args, sbatch_extra, overrides
 
 
-def sbatch_command(args: argparse.Namespace, extra: list[str], overrides: list[str], run_dir: Path) -> list[str]:
+def sbatch_command(
+    args: argparse.Namespace, extra: list[str], overrides: list[str], run_dir: Path, task: str = "pretrain"
+) -> list[str]:
     cmd = [
         "sbatch",
         "--parsable",
@@ -61,7 +64,8 @@ def sbatch_command(args: argparse.Namespace, extra: list[str], overrides: list[s
     ]
     if args.time:
         cmd.append(f"--time={args.time}")
-    return [*cmd, *extra, str(SCRIPT), *overrides]
+    script = SCRIPTS / ("pretrain.sbatch" if task == "pretrain" else "finetune.sbatch")
+    return [*cmd, *extra, str(script), *overrides]
 
 
 def job_check(overrides: list[str]) -> None:
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     run_dir = run_dir_of(cfg).resolve()
-    cmd = sbatch_command(args, extra, overrides, run_dir)
+    cmd = sbatch_command(args, extra, overrides, run_dir, cfg.task)
     if args.dry_run:
         print(f"# resolved config ({world} ranks: {args.nodes} node(s) x {args.gpus_per_node} GPU(s))")
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

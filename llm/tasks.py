@@ -142,30 +142,38 @@ class Finetune:
         self.cfg, self.env, self.run_dir, self.notes = cfg, env, run_dir, []
         self.lora = cfg.lora.rank > 0
 
-    def prepare(self) -> None:  # rank 0: resolve init_from once per run, and keep to it
+    def prepare(self) -> None:  # rank 0, before the others start: nothing to build
+        pass
+
+    def resolve_init(self) -> str:
+        """The checkpoint to start from (every rank: checking a checkpoint is collective): the one recorded at
+        the run's first start, or, at that start, the one init_from names now (then recorded)."""
         from llm.weights import HF_PREFIX, find_checkpoint
 
         record, f = self.run_dir / INIT_RECORD, self.cfg.finetune
         if record.is_file() and self.cfg.resume != "none":
             saved = json.loads(record.read_text())
-            if (
-                not Path(saved["path"].removeprefix(HF_PREFIX)).exists()
-                or fingerprint(saved["path"]) != saved["fingerprint"]
-            ):
+            where = Path(saved["path"].removeprefix(HF_PREFIX))
+            if not where.exists() or fingerprint(saved["path"]) != saved["fingerprint"]:
                 raise CheckpointError(
                     f"this run was initialised from {saved['path']}, which is gone or has changed since; "
                     "restore it, or start over with resume=none"
                 )
-            return
-        path = f.init_from if f.init_from.startswith(HF_PREFIX) else str(find_checkpoint(f.init_from))
-        if path.startswith(HF_PREFIX) and not Path(path[len(HF_PREFIX) :]).is_dir():
-            raise CheckpointError(f"finetune.init_from={f.init_from}: no such directory")
-        atomic_write_json(record, {"requested": f.init_from, "path": path, "fingerprint": fingerprint(path)})
+            return saved["path"]
+        if f.init_from.startswith(HF_PREFIX):
+            path = f.init_from
+            if not Path(path[len(HF_PREFIX) :]).is_dir():
+                raise CheckpointError(f"finetune.init_from={f.init_from}: no such directory")
+        else:
+            path = str(find_checkpoint(f.init_from))
+        if self.env.rank == 0:
+            atomic_write_json(record, {"requested": f.init_from, "path": path, "fingerprint": fingerprint(path)})
+        return path
 
     def setup(self) -> Tokenizer:
         from llm.weights import load_weights
 
-        self.init_path = json.loads((self.run_dir / INIT_RECORD).read_text())["path"]
+        self.init_path = self.resolve_init()
         init_cfg, self.weights, self.tok, _ = load_weights(self.init_path)
         if init_cfg.task == "classify":
             raise CheckpointError(f"finetune.init_from={self.init_path} is a classifier; start from a language model")

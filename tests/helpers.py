@@ -1,6 +1,9 @@
-"""Helpers shared by the training tests: a small, fast, deterministic config over the fixture dataset, and
-the per-step records of a run's metrics.jsonl, and a way to damage a file without changing its size."""
+"""Helpers shared by the training tests: a small, fast, deterministic config over the fixture dataset, the
+per-step records of a run's metrics.jsonl, a way to damage a file without changing its size, and small
+fine-tuning files."""
 
+import json
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,3 +46,38 @@ def flip_bytes(path: Path, n: int = 4096) -> None:
     mid = len(data) // 2 - n // 2
     data[mid : mid + n] = bytes(b ^ 0xFF for b in data[mid : mid + n])
     path.write_bytes(bytes(data))
+
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def sft_rows(n, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for _i in range(n):
+        words = rng.choices(WORDS, k=rng.randint(1, 4))
+        rows.append({"prompt": f"reverse: {' '.join(words)}\n", "response": " ".join(reversed(words))})
+    rows.append(
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "alpha?"},
+                {"role": "assistant", "content": "beta"},
+            ]
+        }
+    )
+    return rows
+
+
+def classify_rows(n, seed=0):
+    rng = random.Random(seed)
+    kinds = {"greek": WORDS, "digits": [str(d) for d in range(10)], "json": ["{", "}", '"key":', "[1, 2]", "null"]}
+    return [
+        {"text": " ".join(rng.choices(kinds[k], k=rng.randint(2, 6))), "label": k}
+        for k in rng.choices(sorted(kinds), k=n)
+    ]

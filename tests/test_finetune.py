@@ -2,14 +2,13 @@
 task=sft or task=classify, from a pretraining run, with or without LoRA."""
 
 import json
-import random
 import subprocess
 import sys
 from dataclasses import replace
 
 import pytest
 import torch
-from helpers import make_cfg, records
+from helpers import classify_rows, make_cfg, records, sft_rows, write_jsonl
 from launch import ROOT, environment
 
 from llm.checkpoint import CheckpointError, Checkpoints
@@ -21,40 +20,6 @@ from llm.lora import add_lora, merge
 from llm.model import GPT, IGNORE
 from llm.train import train
 from llm.weights import load_model, load_weights
-
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def sft_rows(n, seed=0):
-    rng = random.Random(seed)
-    rows = []
-    for _i in range(n):
-        words = rng.choices(WORDS, k=rng.randint(1, 4))
-        rows.append({"prompt": f"reverse: {' '.join(words)}\n", "response": " ".join(reversed(words))})
-    rows.append(
-        {
-            "messages": [
-                {"role": "system", "content": "be brief"},
-                {"role": "user", "content": "alpha?"},
-                {"role": "assistant", "content": "beta"},
-            ]
-        }
-    )
-    return rows
-
-
-def classify_rows(n, seed=0):
-    rng = random.Random(seed)
-    kinds = {"greek": WORDS, "digits": [str(d) for d in range(10)], "json": ["{", "}", '"key":', "[1, 2]", "null"]}
-    return [
-        {"text": " ".join(rng.choices(kinds[k], k=rng.randint(2, 6))), "label": k}
-        for k in rng.choices(sorted(kinds), k=n)
-    ]
 
 
 @pytest.fixture(scope="module")
