@@ -15,8 +15,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def report(logits: np.ndarray, y: np.ndarray, labels: list[str]) -> dict:
-    """Every metric of predictions `logits` (n, classes) against true class indices `y` (n,)."""
+def report(logits: np.ndarray, y: np.ndarray, labels: list[str], majority: int | None = None) -> dict:
+    """Every metric of predictions `logits` (n, classes) against true class indices `y` (n,); with `majority`
+    (the training set's commonest class) also the accuracy and macro-F1 of always predicting it."""
     from sklearn import metrics as M
 
     probs, classes = softmax(logits.astype(np.float64)), list(range(len(labels)))
@@ -45,6 +46,15 @@ def report(logits: np.ndarray, y: np.ndarray, labels: list[str]) -> dict:
         },
         "confusion_matrix": M.confusion_matrix(y, pred, labels=classes).tolist(),  # rows: true, columns: predicted
         "labels": labels,
+        "majority_baseline": None
+        if majority is None
+        else {
+            "label": labels[majority],
+            "accuracy": float(np.mean(np.asarray(y) == majority)),
+            "macro_f1": float(
+                M.f1_score(y, np.full(len(y), majority), labels=classes, average="macro", zero_division=0)
+            ),
+        },
         "_probs": probs,
         "_y": np.asarray(y),
     }

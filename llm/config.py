@@ -129,6 +129,7 @@ class FinetuneConfig:
     train_file: str = ""  # JSONL: sft {"prompt", "response"} or {"messages": [...]}; classify {"text", "label"}
     val_file: str | None = None  # the same format; evaluated every train.eval_every steps and at the end
     pooling: str = "last"  # classify: last (the EOS appended to each text) | mean (over the text's tokens)
+    random_init: bool = False  # a baseline: init_from's model shape and tokenizer, but freshly initialised weights
 
 
 @dataclass
@@ -300,6 +301,7 @@ RULES = {
     "finetune.train_file": _ok,
     "finetune.val_file": _optional(_non_empty),
     "finetune.pooling": _one_of("last", "mean"),
+    "finetune.random_init": _ok,
     "lora.rank": _at_least(0),
     "lora.alpha": _positive,
     "lora.dropout": _fraction(high_open=True),

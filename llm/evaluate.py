@@ -98,9 +98,29 @@ def evaluate(
         raise ValueError(f"--seq-len {seq} is above the model's max_seq_len {cfg.model.max_seq_len}")
     results = {}
     for path in data or cfg.data.paths:
+        if str(path).endswith(".jsonl"):
+            results[str(path)] = score_sft(model, path, tok, seq, batch_size)
+            continue
         windows = open_windows([path], split, seq, shuffle=False, tokenizer_sha256=tok.sha256)
         results[str(path)] = score(model, windows, tok, batch_size, max_windows, rank, world_size)
     return {"checkpoint": str(checkpoint), "split": split, "seq_len": seq, "data": results}
+
+
+@torch.no_grad()
+def score_sft(model: GPT, path, tok: Tokenizer, seq: int, batch_size: int) -> dict:
+    """The loss per response token of an SFT file's examples (packed as fine-tuning packs them)."""
+    from llm.data.examples import pack_sft
+    from llm.model import IGNORE
+
+    rows, stats = pack_sft(path, tok, seq)
+    device, nats, count = next(model.parameters()).device, 0.0, 0
+    for i in range(0, stats.rows, batch_size):
+        b = {k: torch.from_numpy(v[i : i + batch_size]).to(device) for k, v in rows.items()}
+        logits = model(b["idx"], doc_ids=b["doc_ids"], positions=b["positions"])
+        y = b["targets"].flatten()
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y, ignore_index=IGNORE, reduction="sum")
+        nats, count = nats + loss.double().item(), count + int((y != IGNORE).sum())
+    return {"examples": stats.examples, "tokens": count, "loss": nats / count, "ppl": math.exp(min(nats / count, 50))}
 
 
 @torch.no_grad()
@@ -134,7 +154,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--checkpoint", required=True, help="a run directory, its checkpoints/, a step_* directory or hf:DIR"
     )
-    p.add_argument("--data", action="append", help="a prepared dataset directory (repeat; default: the run's)")
+    p.add_argument(
+        "--data",
+        action="append",
+        help="a prepared dataset directory, or an SFT or classification JSONL file (repeat; default: the run's data)",
+    )
     p.add_argument("--split", default="val", choices=["val", "train"])
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -196,6 +220,12 @@ def main(argv: list[str] | None = None) -> None:
                 write_report(r, Path(args.output) / Path(path).stem if several else Path(args.output))
         return
     for path, r in result["data"].items():
+        if "windows" not in r:  # an SFT file
+            print(
+                f"{path}: response loss {r['loss']:.4f}, ppl {r['ppl']:.2f} ({r['examples']} examples, "
+                f"{r['tokens']:,} response tokens)"
+            )
+            continue
         bpb = "n/a" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"
         print(
             f"{path} [{args.split}]: loss {r['loss']:.4f}, ppl {r['ppl']:.2f}, bits/byte {bpb} "

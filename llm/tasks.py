@@ -187,6 +187,9 @@ class Finetune:
     def base(self) -> GPT:
         model = GPT(self.cfg.model)
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
+        if self.cfg.finetune.random_init:  # the baseline: the same model, not pretrained
+            del self.weights
+            return model
         missing, unexpected = model.load_state_dict(self.weights, strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{self.init_path} does not fit its own model settings: missing {missing[:3]}")
@@ -292,7 +295,8 @@ class Classify(Finetune):
                 logits[b * micro : b * micro + len(out)] = out.double()
         engine.train()
         dist.all_reduce(logits)  # each row was filled by one rank, zeros elsewhere: exact
-        r = report(logits.cpu().numpy(), self.val_rows["labels"], self.labels)
+        majority = int(np.bincount(self.train_rows["labels"]).argmax())  # the training set's commonest class
+        r = report(logits.cpu().numpy(), self.val_rows["labels"], self.labels, majority)
         if final and self.env.rank == 0:
             write_report(r, self.run_dir / "eval")
         return {f"val/{k}": r[k] for k in ("loss", "accuracy", "macro_f1", "roc_auc")}

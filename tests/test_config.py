@@ -183,6 +183,7 @@ BAD_VALUES = {
     "finetune.train_file": (None, "finetune.train_file: expected a string, got None"),
     "finetune.val_file": ("", "finetune.val_file: must not be empty"),
     "finetune.pooling": ("cls", "finetune.pooling: 'cls' is not one of last, mean"),
+    "finetune.random_init": ("no", "finetune.random_init: expected true or false, got 'no'"),
     "lora.rank": (-1, "lora.rank: -1 must be at least 0"),
     "lora.alpha": (0, "lora.alpha: 0 must be a positive number"),
     "lora.dropout": (1.0, "lora.dropout: 1.0 is not in [0, 1)"),

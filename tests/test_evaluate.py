@@ -63,5 +63,3 @@ def test_two_ranks_give_bitwise_the_numbers_of_one_and_bad_input_is_one_line(run
     assert a == b and a["data"] and next(iter(a["data"].values()))["windows"] == 10
     bad = evaluate_cli(run_dir["run_dir"], tmp_path / "x.json", 1, "--data", str(tmp_path))
     assert bad.returncode == 2 and "manifest.json is missing" in bad.stderr and bad.stderr.count("\n") == 1
-    bad = evaluate_cli(str(tmp_path), tmp_path / "x.json")
-    assert bad.returncode == 2 and "holds no checkpoint" in bad.stderr and bad.stderr.count("\n") == 1

@@ -47,7 +47,9 @@ def ft_cfg(base, tmp_path, name, task="sft", **sections):
         val_file=base[f"{key}_val"],
         **sections.get("finetune", {}),
     )
-    cfg.train = replace(cfg.train, max_steps=6, eval_every=3, ckpt_every_steps=3, **sections.get("train", {}))
+    cfg.train = replace(
+        cfg.train, **{"max_steps": 6, "eval_every": 3, "ckpt_every_steps": 3, **sections.get("train", {})}
+    )
     cfg.optim = replace(cfg.optim, lr=3e-3, grad_clip=0.0)
     return cfg
 
@@ -109,6 +111,10 @@ def test_sft_resumes_exactly_and_its_checkpoint_generates(base, tmp_path):
     assert init["path"].endswith("step_00000004") and init["requested"] == base["run"]
     cfg, model, tok = load_model(run / "chain")
     assert isinstance(model, GPT) and cfg.task == "sft" and cfg.model.vocab_size == tok.vocab_size
+    from llm.evaluate import score_sft
+
+    again = score_sft(model, base["sft_val"], tok, cfg.data.seq_len, 3)["loss"]  # llm.evaluate on the val file
+    assert again == pytest.approx(records(run / "chain", "val/loss")[6], abs=1e-5)
     assert not torch.equal(model.wte.weight, load_model(base["run"])[1].wte.weight)  # it did train
 
 
@@ -130,6 +136,16 @@ def test_lora_trains_only_adapters_saves_them_alone_and_merges_exactly(base, tmp
     merged, base_w = load_weights(run / "lora").weights, load_weights(base["run"]).weights
     changed = sorted(k for k in base_w if not torch.equal(merged[k], base_w[k]))
     assert changed and all(k.endswith(("attn.qkv.weight", "attn.proj.weight", "mlp.up.weight")) for k in changed)
+    # exported with the adapters merged: transformers gives the fine-tuned model's logits
+    transformers = pytest.importorskip("transformers")
+    from llm.hf import write_hf
+
+    cfg_l, weights, tok, _ = load_weights(run / "lora")
+    write_hf(cfg_l.model, weights, tok, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.arange(40).reshape(2, 20) * 13 % tok.vocab_size
+    with torch.no_grad():
+        assert (load_model(run / "lora")[1](ids) - hf(ids).logits).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -167,6 +183,11 @@ def test_classifier_reports_metrics_and_plots_and_loads(base, tmp_path):
     for png in ("roc.png", "confusion.png"):
         assert (tmp_path / "runs" / "cls" / "eval" / png).read_bytes()[:4] == b"\x89PNG"
     assert records(tmp_path / "runs" / "cls", "val/accuracy")[6] == report["accuracy"]
+    train_labels = [r["label"] for r in map(json.loads, open(base["cls_train"]))]
+    val_labels = [r["label"] for r in map(json.loads, open(base["cls_val"]))]
+    majority = max(sorted(set(train_labels)), key=train_labels.count)
+    assert report["majority_baseline"]["label"] == majority
+    assert report["majority_baseline"]["accuracy"] == val_labels.count(majority) / len(val_labels)
     _, model, tok = load_model(tmp_path / "runs" / "cls")
     assert isinstance(model, Classifier) and model.labels == report["labels"]
     # the command line scores a JSONL file with the loaded classifier: the run's own numbers
@@ -192,6 +213,17 @@ def test_classifier_reports_metrics_and_plots_and_loads(base, tmp_path):
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert again["accuracy"] == report["accuracy"] and again["confusion_matrix"] == report["confusion_matrix"]
     assert again["loss"] == pytest.approx(report["loss"], abs=1e-6) and "accuracy" in r.stdout
+
+
+def test_random_init_keeps_the_shape_and_tokenizer_but_not_the_weights(base, tmp_path):
+    cfg = ft_cfg(base, tmp_path, "scratch", finetune={"random_init": True}, train={"max_steps": 1, "eval_every": 0})
+    train(cfg)
+    run_cfg, model, tok = load_model(tmp_path / "runs" / "scratch")
+    _, pretrained, tok0 = load_model(base["run"])
+    assert run_cfg.model == pretrained.cfg and tok.sha256 == tok0.sha256
+    # one Adam step moves a weight by at most ~lr (1.5e-3 at the first warmup step): a larger distance from the
+    # pretrained weights means the run did not start from them (it starts from the seed's fresh initialisation)
+    assert (model.blocks[0].attn.qkv.weight - pretrained.blocks[0].attn.qkv.weight).abs().max() > 3e-3
 
 
 def test_bad_fine_tuning_input_is_refused_in_one_line_before_training(base, tmp_path):
