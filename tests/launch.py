@@ -67,6 +67,12 @@ def environment(fault: str | None = None) -> dict:
     return env
 
 
+def run_module(module: str, *args, timeout=300) -> subprocess.CompletedProcess:
+    """`python -m <module> args...` from the repository root, as a user runs an entry point."""
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=environment(), timeout=timeout)
+
+
 def launch(args, nproc=1, check=True, fault: str | None = None, timeout=600) -> subprocess.CompletedProcess:
     r = subprocess.run(
         command(args, nproc, fault), capture_output=True, text=True, cwd=ROOT, env=environment(fault), timeout=timeout

@@ -2,14 +2,12 @@
 task=sft or task=classify, from a pretraining run, with or without LoRA."""
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
 from helpers import classify_rows, make_cfg, records, sft_rows, write_jsonl
-from launch import ROOT, environment
+from launch import run_module
 
 from llm.checkpoint import CheckpointError, Checkpoints
 from llm.classifier import Classifier
@@ -191,23 +189,14 @@ def test_classifier_reports_metrics_and_plots_and_loads(base, tmp_path):
     _, model, tok = load_model(tmp_path / "runs" / "cls")
     assert isinstance(model, Classifier) and model.labels == report["labels"]
     # the command line scores a JSONL file with the loaded classifier: the run's own numbers
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llm.evaluate",
-            "--checkpoint",
-            str(tmp_path / "runs" / "cls"),
-            "--data",
-            base["cls_val"],
-            "--output",
-            str(tmp_path / "again"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=environment(),
-        timeout=300,
+    r = run_module(
+        "llm.evaluate",
+        "--checkpoint",
+        tmp_path / "runs" / "cls",
+        "--data",
+        base["cls_val"],
+        "--output",
+        tmp_path / "again",
     )
     assert r.returncode == 0, r.stderr[-2000:]
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
@@ -256,13 +245,6 @@ def test_bad_fine_tuning_input_is_refused_in_one_line_before_training(base, tmp_
     with pytest.raises(ConfigError, match="data.seq_len: 128 is above model.max_seq_len=64"):
         train(cfg)
     # the command line: exit 2, one line, for a bad task setting
-    r = subprocess.run(
-        [sys.executable, "-m", "llm.finetune", "lora.rank=4", "lora.targets=[qkv,mlp]"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=environment(),
-        timeout=120,
-    )
+    r = run_module("llm.finetune", "lora.rank=4", "lora.targets=[qkv,mlp]", timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: lora.targets: 'mlp' is not one of")
     assert r.stderr.count("\n") == 1

@@ -108,6 +108,26 @@ class TokenStream:
             i, pos = i + 1, 0
 
 
+class EpochOrder:
+    """Global sample g -> item perm_epoch(g % n) of epoch g // n (or g % n unshuffled), keyed by (seed, source)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, source_id: int = 0):
+        self.n, self.seed, self.shuffle, self.source_id = n, seed, shuffle, source_id
+        self._perm: tuple[int, Permutation] | None = None
+
+    def __call__(self, g: np.ndarray) -> np.ndarray:
+        epoch, pos = np.divmod(g, self.n)
+        if not self.shuffle:
+            return pos
+        out = np.empty_like(pos)
+        for e in np.unique(epoch):
+            if self._perm is None or self._perm[0] != e:
+                self._perm = (int(e), Permutation(self.n, derive_key(self.seed, self.source_id, int(e))))
+            sel = epoch == e
+            out[sel] = self._perm[1](pos[sel])
+        return out
+
+
 class PackedWindows:
     """Windows of seq_len + 1 tokens from one stream, in a per-epoch shuffled (or sequential) order."""
 
@@ -119,20 +139,11 @@ class PackedWindows:
                 f"{stream.name} holds {len(stream):,} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
                 "lower seq_len or prepare more data"
             )
-        self._perm: tuple[int, Permutation] | None = None
+        self._order = EpochOrder(self.n, seed, shuffle, source_id)
 
     def window_ids(self, g: np.ndarray) -> np.ndarray:
         """The window index taken by each global sample index in `g`."""
-        epoch, pos = np.divmod(g, self.n)
-        if not self.shuffle:
-            return pos
-        out = np.empty_like(pos)
-        for e in np.unique(epoch):
-            if self._perm is None or self._perm[0] != e:
-                self._perm = (int(e), Permutation(self.n, derive_key(self.seed, self.source_id, int(e))))
-            sel = epoch == e
-            out[sel] = self._perm[1](pos[sel])
-        return out
+        return self._order(g)
 
     def tokens(self, g: np.ndarray, out: np.ndarray) -> None:
         """Fill out[i] (seq_len + 1 tokens) with the window of global sample g[i]."""

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llm.data.dataset import Permutation, derive_key
+from llm.data.dataset import EpochOrder
 from llm.data.tokenizer import Tokenizer
 from llm.model import IGNORE
 
@@ -203,21 +203,10 @@ class ExampleLoader:
         self.n = len(next(iter(arrays.values())))
         self.global_batch, self.micro_batch, self.rank, self.world_size = global_batch, micro_batch, rank, world_size
         self.grad_accum = global_batch // (micro_batch * world_size)
-        self.seed, self.shuffle = seed, shuffle
+        self.seed = seed
         self.samples, self.micro = 0, 0
-        self._perm: tuple[int, Permutation] | None = None
+        self.rows = EpochOrder(self.n, seed, shuffle, source_id=7)  # global sample -> row
         self._hash = content_hash(arrays)
-
-    def rows(self, g: np.ndarray) -> np.ndarray:
-        epoch, pos = np.divmod(g, self.n)
-        if not self.shuffle:
-            return pos
-        out = np.empty_like(pos)
-        for e in np.unique(epoch):
-            if self._perm is None or self._perm[0] != e:
-                self._perm = (int(e), Permutation(self.n, derive_key(self.seed, 7, int(e))))
-            out[epoch == e] = self._perm[1](pos[epoch == e])
-        return out
 
     def __iter__(self):
         return self
