@@ -114,6 +114,11 @@ def test_sft_resumes_exactly_and_its_checkpoint_generates(base, tmp_path):
     again = score_sft(model, base["sft_val"], tok, cfg.data.seq_len, 3)["loss"]  # llm.evaluate on the val file
     assert again == pytest.approx(records(run / "chain", "val/loss")[6], abs=1e-5)
     assert not torch.equal(model.wte.weight, load_model(base["run"])[1].wte.weight)  # it did train
+    # the checkpoint the run started from is recorded; if it is not the same any more, a resume refuses it
+    record = run / "chain" / "init_from.json"
+    record.write_text(json.dumps({**init, "fingerprint": "0" * 64}))
+    with pytest.raises(CheckpointError, match="which is gone or has changed since; restore it, or start over"):
+        train(ft_cfg(base, tmp_path, "chain", train={"max_steps": 7}))
 
 
 def test_lora_trains_only_adapters_saves_them_alone_and_merges_exactly(base, tmp_path):
@@ -240,6 +245,10 @@ def test_bad_fine_tuning_input_is_refused_in_one_line_before_training(base, tmp_
     cfg = ft_cfg(base, tmp_path, "badlabel", task="classify")
     cfg.finetune = replace(cfg.finetune, val_file=write_jsonl(tmp_path / "l.jsonl", [{"text": "x", "label": "other"}]))
     with pytest.raises(ExampleError, match="label 'other' is not one of the training labels"):
+        train(cfg)
+    cfg = ft_cfg(base, tmp_path, "lora3", deepspeed={"stage": 3})
+    cfg.lora = LoraConfig(rank=4)
+    with pytest.raises(ConfigError, match="lora.rank: LoRA runs use deepspeed.stage 0-2"):
         train(cfg)
     cfg = ft_cfg(base, tmp_path, "seq", data={"seq_len": 128})  # the base model has 64 positions
     with pytest.raises(ConfigError, match="data.seq_len: 128 is above model.max_seq_len=64"):

@@ -26,6 +26,18 @@ def test_a_dry_run_shows_the_config_the_deepspeed_json_and_the_sbatch_line(tmp_p
     assert line.endswith(f"--qos=high {script} experiment=gpt2-124m deepspeed=zero3 name=my-run")
 
 
+def test_a_fine_tuning_run_goes_to_the_fine_tuning_job_script():
+    ft = ("task=sft", "finetune.init_from=runs/demo", "finetune.train_file=t.jsonl")
+    r = submit("--dry-run", "--nodes=1", "--gpus-per-node=2", *ft)
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.split("# sbatch command\n")[1].strip()
+    assert line.endswith(f"{ROOT / 'slurm' / 'finetune.sbatch'} {' '.join(ft)}")
+    r = submit(
+        "--dry-run", "--gpus-per-node=2", "task=sft"
+    )  # a fine-tuning run without its starting point: refused before sbatch
+    assert r.returncode == 2 and r.stderr.startswith("error: finetune.init_from:") and r.stderr.count("\n") == 1
+
+
 def test_bad_input_is_rejected_before_anything_is_queued():
     r = submit("--dry-run", "model.n_layr=3")
     assert r.returncode == 2 and r.stderr.startswith("error: bad override: ")
