@@ -36,7 +36,8 @@ class Classifier(nn.Module):
         return logits if labels is None else F.cross_entropy(logits.float(), labels)
 
     def flops_per_token(self, seq_len: int) -> int:
-        return self.trunk.flops_per_token(seq_len)
+        """The trunk's without its LM head (unused); the head runs once per sequence, negligible per token."""
+        return self.trunk.flops_per_token(seq_len, head=False)
 
     def num_params(self) -> int:
         return self.trunk.num_params() + sum(p.numel() for p in self.head.parameters())

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from llm.config import ModelConfig
+from llm.data.examples import CHAT_TEMPLATE
 from llm.data.tokenizer import Tokenizer
 from llm.model import mlp_hidden, padded_vocab
 
@@ -308,6 +309,7 @@ def tokenizer_config(tok: Tokenizer, max_len: int) -> dict:
         "model_max_length": max_len,
         "split_special_tokens": True,  # "<s>" in text is text, as it is to SentencePiece
         "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,  # fine-tuning's "<|role|>\\n" rendering (llm/data/examples.py)
     }
 
 

@@ -197,20 +197,28 @@ class GPT(nn.Module):
         pad_rows = (self.vocab - self.cfg.vocab_size) * self.cfg.n_embd
         return total - pad_rows * (1 if self.cfg.tie_embeddings else 2)
 
-    def num_matmul_params(self) -> int:
+    def num_matmul_params(self, head: bool = True, frozen: bool = False) -> int:
         """Parameters that do matrix work per token: everything but the embedding lookups (position embeddings,
-        and the token embedding unless it is tied to the head, whose matmul it then performs)."""
-        n = self.num_params()
-        if self.wpe is not None:
-            n -= _numel(self.wpe.weight)
+        and the token embedding unless it is tied to the head, whose matmul it then performs), vocabulary padding
+        rows excluded. `head=False` leaves out the LM head (a classifier does not use it); `frozen=True` counts
+        only parameters without gradients (LoRA's base weights)."""
+        skip = {id(self.wpe.weight)} if self.wpe is not None else set()
         if not self.cfg.tie_embeddings:
-            n -= self.cfg.vocab_size * self.cfg.n_embd
+            skip.add(id(self.wte.weight))
+        if not head:
+            skip.add(id(self.lm_head.weight))
+        unique = {id(p): p for p in self.parameters() if id(p) not in skip and not (frozen and p.requires_grad)}
+        n = sum(_numel(p) for p in unique.values())
+        if id(self.lm_head.weight) in unique:
+            n -= (self.vocab - self.cfg.vocab_size) * self.cfg.n_embd
         return n
 
-    def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6 N + 12 L H Dh T."""
+    def flops_per_token(self, seq_len: int, head: bool = True) -> int:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6 N + 12 L H Dh T. A frozen weight
+        still costs its forward and the gradient of its input (4 per parameter) but no gradient of its own."""
         c = self.cfg
-        return 6 * self.num_matmul_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * seq_len
+        matmul = 6 * self.num_matmul_params(head) - 2 * self.num_matmul_params(head, frozen=True)
+        return matmul + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * seq_len
 
     @torch.no_grad()
     def generate(

@@ -40,8 +40,7 @@ def args(tmp_path, prepared_dir, tokenizer_dir):
 def test_a_rank_killed_at_any_moment_of_a_save_loses_nothing(tmp_path, args, two_rank_reference):
     ckpt = tmp_path / "runs" / "crashy" / "checkpoints"
     for fault, step4_complete in [
-        ("save_start:1:4", False),  # before any file of step 4
-        ("mid_shard:1:4", False),  # half of rank 1's optimizer shard written
+        ("save_start:1:4", False),  # before any file of step 4 (half-way through a shard: test_slurm.py)
         ("before_marker:0:4", False),  # every shard written, no COMPLETE.json
         ("before_pointer:0:4", True),  # COMPLETE.json written, `latest` not moved yet
     ]:

@@ -7,10 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 from helpers import classify_rows, make_cfg, records, sft_rows, write_jsonl
-from launch import run_module
+from launch import launch, overrides, run_module
 
 from llm.checkpoint import CheckpointError, Checkpoints
 from llm.classifier import Classifier
+from llm.compose import load_config
 from llm.config import ConfigError, LoraConfig, ModelConfig
 from llm.data.examples import ExampleError, pack_sft
 from llm.data.tokenizer import Tokenizer
@@ -38,13 +39,8 @@ def ft_cfg(base, tmp_path, name, task="sft", **sections):
     cfg = make_cfg(tmp_path, tmp_path, tmp_path, name, **sections)
     cfg.task = task
     key = "sft" if task == "sft" else "cls"
-    cfg.finetune = replace(
-        cfg.finetune,
-        init_from=base["run"],
-        train_file=base[f"{key}_train"],
-        val_file=base[f"{key}_val"],
-        **sections.get("finetune", {}),
-    )
+    files = {"init_from": base["run"], "train_file": base[f"{key}_train"], "val_file": base[f"{key}_val"]}
+    cfg.finetune = replace(cfg.finetune, **{**files, **sections.get("finetune", {})})
     cfg.train = replace(
         cfg.train, **{"max_steps": 6, "eval_every": 3, "ckpt_every_steps": 3, **sections.get("train", {})}
     )
@@ -124,12 +120,8 @@ def test_sft_resumes_exactly_and_its_checkpoint_generates(base, tmp_path):
 def test_lora_trains_only_adapters_saves_them_alone_and_merges_exactly(base, tmp_path):
     cfg = ft_cfg(base, tmp_path, "lora", deepspeed={"stage": 2})
     cfg.lora = LoraConfig(rank=4, alpha=8.0, targets=["qkv", "proj", "up"])
-    whole = train(cfg)
-    chain = replace(cfg, name="lora-chain", train=replace(cfg.train, steps_per_run=3))
-    train(chain)
-    train(chain)
+    whole = train(cfg)  # exact resume of adapters and their optimizer (on another number of ranks): below
     run = tmp_path / "runs"
-    assert records(run / "lora") == records(run / "lora-chain")  # exact resume of adapters and their optimizer
     full = train(ft_cfg(base, tmp_path, "full", deepspeed={"stage": 2}))
     lora_ckpt = Checkpoints.size(run / "lora" / "checkpoints" / "step_00000006")
     full_ckpt = Checkpoints.size(run / "full" / "checkpoints" / "step_00000006")
@@ -149,6 +141,51 @@ def test_lora_trains_only_adapters_saves_them_alone_and_merges_exactly(base, tmp
     ids = torch.arange(40).reshape(2, 20) * 13 % tok.vocab_size
     with torch.no_grad():
         assert (load_model(run / "lora")[1](ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fine_tuning_resumes_on_another_number_of_ranks_and_two_ranks_train_as_one(
+    base, tmp_path, prepared_dir, tokenizer_dir
+):
+    # SFT with LoRA at ZeRO-2, 3 steps on 1 rank then resumed on 2 (adapter-only checkpoint, partitioned optimizer
+    # state through the universal format); classify, a whole run on 2 ranks. Both against the same run on 1 rank
+    # in this process: the same loss at every step (1 rank x 2 micro-batches sums exactly as 2 ranks x 1).
+    def args(name, task, *extra):
+        key = "sft" if task == "sft" else "cls"
+        files = [f"finetune.init_from={base['run']}", f"finetune.train_file={base[key + '_train']}"]
+        files += [f"finetune.val_file={base[key + '_val']}", "optim.grad_clip=0"]
+        return [f"task={task}", *overrides(tmp_path, prepared_dir, tokenizer_dir, name, *files, *extra)]
+
+    lora = ("deepspeed=zero2", "lora.rank=4", "lora.alpha=8", "lora.targets=[qkv,proj,up]")
+    train(load_config(args("sft", "sft", *lora)))
+    chain = args("sft-chain", "sft", *lora, "train.steps_per_run=3")
+    assert train(load_config(chain))["outcome"] == "paused"
+    launch(chain, nproc=2)
+    train(load_config(args("classify", "classify")))
+    launch(args("classify-2", "classify"), nproc=2)
+    run = tmp_path / "runs"
+    for one, two in [("sft", "sft-chain"), ("classify", "classify-2")]:
+        assert records(run / one) == records(run / two) and len(records(run / one)) == 6, one
+        assert records(run / one, "val/loss") == records(run / two, "val/loss"), one
+    assert (run / "sft-chain" / "checkpoints" / "universal").is_dir()
+    assert records(run / "classify", "val/acc") == records(run / "classify-2", "val/acc")
+
+
+def test_fine_tuning_from_an_exported_directory_is_fine_tuning_from_the_run(base, tmp_path):
+    pytest.importorskip("safetensors")
+    from llm.hf import write_hf
+
+    cfg, weights, tok, _ = load_weights(base["run"])
+    write_hf(cfg.model, weights, tok, tmp_path / "hf")
+    from_run = train(ft_cfg(base, tmp_path, "from-run", train={"max_steps": 3}))
+    from_hf = train(
+        ft_cfg(base, tmp_path, "from-hf", train={"max_steps": 3}, finetune={"init_from": f"hf:{tmp_path}/hf"})
+    )
+    assert from_run["outcome"] == from_hf["outcome"] == "finished"
+    run = tmp_path / "runs"
+    assert records(run / "from-run") == records(run / "from-hf") and len(records(run / "from-hf")) == 3
+    assert records(run / "from-run", "val/loss") == records(run / "from-hf", "val/loss")
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -13,6 +13,7 @@ import torch
 from launch import ROOT, environment
 
 from llm.config import ModelConfig
+from llm.data.examples import sft_tokens
 from llm.data.tokenizer import Tokenizer, train_tokenizer
 from llm.hf import ExportError, family, model_config_of, write_hf
 from llm.model import GPT
@@ -80,6 +81,16 @@ def test_the_exported_tokenizer_gives_our_ids_on_code_whitespace_digits_and_non_
         assert hf_tok(text)["input_ids"] == ids, text[:80]
         assert hf_tok.decode(ids) == tok.decode(ids) == text
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    # the chat template renders a conversation as fine-tuning does: the same ids, without the final EOS
+    messages = [
+        {"role": "system", "content": "Answer in Python."},
+        {"role": "user", "content": "Reverse  a list\n\tplease <s>"},
+        {"role": "assistant", "content": "xs[::-1]"},
+    ]
+    ids, _ = sft_tokens({"messages": messages}, tok, "chat")
+    assert hf_tok.apply_chat_template(messages, tokenize=True, return_dict=False) == ids[:-1]
+    prompt = hf_tok.apply_chat_template(messages[:2], add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert prompt == ids[: len(prompt)] and tok.decode(prompt).endswith("<s>\n<|assistant|>\n")
 
 
 def test_what_cannot_be_represented_exactly_is_refused_naming_the_option(tokenizer_dir, corpus_dir, tmp_path):

@@ -7,7 +7,9 @@ import pytest
 import torch
 import yaml
 
-from llm.config import ModelConfig
+from llm.classifier import Classifier
+from llm.config import LoraConfig, ModelConfig
+from llm.lora import add_lora
 from llm.model import GPT, padded_vocab
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
@@ -55,6 +57,15 @@ def test_flops_per_token_is_the_palm_count():
         llama = GPT(preset("llama-7b"))
     n7 = 6_738_415_616 - 32000 * 4096  # untied: the input embedding is a lookup, the head a matmul
     assert llama.flops_per_token(4096) == 6 * n7 + 12 * 32 * 32 * 128 * 4096
+    # LoRA: the frozen weights cost their forward and their input's gradient (4 per parameter), the adapters 6;
+    # a classifier leaves the LM head out
+    attention = 12 * 12 * 12 * 64 * 1024
+    with torch.device("meta"):
+        lora = add_lora(GPT(preset("gpt2-124m")), LoraConfig(rank=8, alpha=16.0, targets=["qkv", "proj"]))
+        classifier = Classifier(GPT(preset("gpt2-124m")), n_classes=5)
+    adapters = 12 * 8 * ((768 + 3 * 768) + (768 + 768))
+    assert lora.flops_per_token(1024) == 4 * n + 6 * adapters + attention
+    assert classifier.flops_per_token(1024) == 6 * (n - 50257 * 768) + attention
 
 
 def test_gpt2_initialisation_scales_residual_projections():

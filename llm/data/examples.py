@@ -31,6 +31,12 @@ from llm.data.tokenizer import Tokenizer
 from llm.model import IGNORE
 
 ROLES = ("system", "user", "assistant")
+# The same rendering as a transformers chat template (exported in tokenizer_config.json; the EOS that ends a
+# training conversation is not in it: generation stops at EOS by itself)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 
 
 class ExampleError(ValueError):
