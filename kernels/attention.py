@@ -259,16 +259,20 @@ if triton is not None:
         )
 
 
-# Block sizes and warps: (BLOCK_M, BLOCK_N, num_warps, num_stages) by pass, GPU generation and head-dim bucket.
-# Chosen, for bf16/fp16, among candidates that fit shared memory, for no register spills in ptxas -v (one small
+# Block sizes and warps: (BLOCK_M, BLOCK_N, num_warps, num_stages) by pass, GPU generation and head-dim bucket,
+# for fp16/bf16. Chosen among candidates that fit shared memory, for no register spills in ptxas -v (one small
 # spill left: sm_80 forward at D=128, 8 bytes; dK/dV at D=64 on sm_80 spills ~256 bytes in every candidate
 # tried) and tensor-core use (wgmma needs BLOCK_M >= 64 on sm_90). Not yet timed on a GPU.
+# Generation 90: Hopper and datacenter Blackwell (227 KB of shared memory per block). Generation 80: Ampere,
+# Ada and consumer Blackwell (sm_80/87: 163 KB; sm_86/89/120: 99 KB), whose 16-bit entries all fit 99 KB.
+# fp32 (checks, not training) takes one small configuration everywhere: it fits 99 KB (at most 68 KB).
 # `python -m kernels.compile_check` prints shared memory, registers and spills for every entry.
 CONFIGS = {
     "fwd": {90: {64: (128, 64, 4, 3), 128: (128, 32, 8, 3)}, 80: {64: (128, 64, 8, 3), 128: (128, 32, 8, 3)}},
     "dkdv": {90: {64: (64, 64, 4, 2), 128: (32, 64, 8, 2)}, 80: {64: (32, 64, 4, 2), 128: (64, 64, 8, 2)}},
     "dq": {90: {64: (64, 64, 4, 2), 128: (64, 32, 8, 2)}, 80: {64: (64, 64, 4, 2), 128: (64, 64, 8, 2)}},
 }
+FP32_CONFIG = (32, 32, 4, 2)
 INTERPRET_BLOCK = 64  # the interpreter pays per program and per loop step, not per tile size
 
 
@@ -276,11 +280,17 @@ def block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def config(kind: str, D: int, arch: int | None) -> tuple[int, int, int, int]:
+def generation(arch: int) -> int:
+    """The table a compute capability uses: 90 for sm_90/sm_100/sm_103, 80 for every other (sm_80 and up)."""
+    return 90 if arch in (90, 100, 103) else 80
+
+
+def config(kind: str, D: int, arch: int | None, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
     if arch is None:
         return INTERPRET_BLOCK, INTERPRET_BLOCK, 4, 1
-    table = CONFIGS[kind][90 if arch >= 90 else 80]
-    return table[64 if block_d(D) <= 64 else 128]
+    if dtype == torch.float32:
+        return FP32_CONFIG
+    return CONFIGS[kind][generation(arch)][64 if block_d(D) <= 64 else 128]
 
 
 def _arch(x: torch.Tensor) -> int | None:
@@ -304,7 +314,7 @@ def attention_fwd(q, k, v, doc_ids, causal: bool, scale: float):
     B, H, T, D = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, whatever q's layout
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    bm, bn, warps, stages = config("fwd", D, _arch(q))
+    bm, bn, warps, stages = config("fwd", D, _arch(q), q.dtype)
     _attn_fwd_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, o, lse, _doc_arg(doc_ids, q), scale * LOG2E,
         *_strides(q, k, v), H, H // k.shape[1], T, D,
@@ -326,13 +336,13 @@ def attention_bwd(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float):
         _arch(q),
         dict(CAUSAL=causal, HAS_DOC=doc_ids is not None, IEEE=q.dtype == torch.float32, BLOCK_D=block_d(D)),
     )
-    bm, bn, warps, stages = config("dkdv", D, arch)
+    bm, bn, warps, stages = config("dkdv", D, arch, q.dtype)
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, bn), B * Hkv)](
         q, k, v, do, lse, delta, doc, dk, dv, scale * LOG2E, scale,
         *_strides(q, k, v), Hkv, H // Hkv, T, D,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
     )  # fmt: skip
-    bm, bn, warps, stages = config("dq", D, arch)
+    bm, bn, warps, stages = config("dq", D, arch, q.dtype)
     _attn_bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, do, lse, delta, doc, dq, scale * LOG2E, scale,
         *_strides(q, k, v), H, H // Hkv, T, D,

@@ -43,6 +43,11 @@ class ModelConfig:
     dropout: float = 0.0
     doc_mask: bool = True  # attention stays inside each document of a packed window
     kernels: str = "auto"  # auto | triton | torch: the attention and norm implementation
+    fused_loss: bool = True  # the head and the loss chunked together, never all the logits (kernels/cross_entropy.py)
+
+
+# settings that change how the model computes, not its weights: free to change on resume and fine-tuning
+RUNTIME_MODEL_FIELDS = ("kernels", "dropout", "fused_loss")
 
 
 @dataclass
@@ -123,7 +128,7 @@ class TrainConfig:
 @dataclass
 class FinetuneConfig:
     """What fine-tuning (`python -m llm.finetune`, task=sft or classify) starts from and learns. The model's
-    shape and the tokenizer come from `init_from`; model.dropout and model.kernels stay settable."""
+    shape and the tokenizer come from `init_from`; model.dropout, model.kernels and model.fused_loss stay settable."""
 
     init_from: str = ""  # a pretraining run directory, a checkpoint directory, or hf:DIR (a transformers model)
     train_file: str = ""  # JSONL: sft {"prompt", "response"} or {"messages": [...]}; classify {"text", "label"}
@@ -246,6 +251,7 @@ RULES = {
     "model.dropout": _fraction(high_open=True),
     "model.doc_mask": _ok,
     "model.kernels": _one_of("auto", "triton", "torch"),
+    "model.fused_loss": _ok,
     "data.paths": _path_list,
     "data.weights": _optional(_weights),
     "data.tokenizer": _non_empty,

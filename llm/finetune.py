@@ -20,8 +20,8 @@ task=classify: JSONL lines {"text": ..., "label": ...}; a linear head on the pre
   full report with its plots in <run_dir>/eval/ at the end.
 lora=r8 / lora=r16-mlp, or lora.rank, lora.alpha, lora.dropout, lora.targets=[qkv,proj,up,gate,down]: train
   low-rank adapters only; the checkpoints hold only them (and a head).
-The model's shape and tokenizer come from init_from; model.dropout and model.kernels stay settable. Every
-other setting is llm.train's (python -m llm.train --help)."""
+The model's shape and tokenizer come from init_from; model.dropout, model.kernels and model.fused_loss stay
+settable. Every other setting is llm.train's (python -m llm.train --help)."""
 
 
 def main(argv: list[str] | None = None) -> None:

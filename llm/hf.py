@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from llm.config import ModelConfig
+from llm.config import RUNTIME_MODEL_FIELDS, ModelConfig
 from llm.data.examples import CHAT_TEMPLATE
 from llm.data.tokenizer import Tokenizer
 from llm.model import mlp_hidden, padded_vocab
@@ -351,7 +351,7 @@ def read_hf(directory: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
     keep = {}
     if (d / "llm_model.json").is_file():  # our own export: keep the settings transformers has no field for
         saved = json.loads((d / "llm_model.json").read_text())
-        keep = {k: saved[k] for k in ("name", "pad_vocab_to", "doc_mask", "kernels", "dropout")}
+        keep = {k: saved[k] for k in ("name", "pad_vocab_to", "doc_mask", *RUNTIME_MODEL_FIELDS) if k in saved}
         keep["bias"] = saved["bias"]
         if mlp_hidden(ModelConfig(**saved)) == cfg.mlp_hidden:  # the size as the run wrote it (e.g. null)
             keep |= {k: saved[k] for k in ("mlp_hidden", "mlp_multiple_of")}

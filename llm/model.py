@@ -126,6 +126,23 @@ def _numel(p: nn.Parameter) -> int:
     return getattr(p, "ds_numel", p.numel())
 
 
+class Head(nn.Linear):
+    """The LM head (an nn.Linear, so that names, initialisation and ZeRO-3's gathering stay those of one): the
+    logits over the real vocabulary (padding rows are never predicted), or given targets the mean
+    cross-entropy over those that are not IGNORE, fused with the matmul (`fused`: no (tokens x vocab) logits)
+    or from the full logits in fp32."""
+
+    def __init__(self, n_embd: int, padded: int, vocab_size: int, fused: bool):
+        super().__init__(n_embd, padded, bias=False)
+        self.vocab_size, self.fused = vocab_size, fused
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return F.linear(h, self.weight)[..., : self.vocab_size]
+        loss = kernels.linear_cross_entropy if self.fused else kernels.linear_cross_entropy_ref
+        return loss(h.reshape(-1, h.size(-1)), self.weight, targets.reshape(-1), self.vocab_size, IGNORE)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -138,7 +155,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = Norm(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, self.vocab, bias=False)
+        self.lm_head = Head(cfg.n_embd, self.vocab, cfg.vocab_size, cfg.fused_loss)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if cfg.pos == "rope":
@@ -163,13 +180,7 @@ class GPT(nn.Module):
         targets that are not IGNORE (fine-tuning's prompt and padding tokens: exactly zero loss and gradient).
         Generation passes a KV cache (llm.generate); packed fine-tuning examples and generation pass each
         token's position (B, T)."""
-        h = self.hidden(idx, doc_ids, cache, positions)
-        logits = self.lm_head(h)[..., : self.cfg.vocab_size]  # padding rows are never predicted
-        if targets is None:
-            return logits
-        flat = targets.reshape(-1)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), flat, ignore_index=IGNORE, reduction="sum")
-        return loss / (flat != IGNORE).sum().clamp(min=1)
+        return self.lm_head(self.hidden(idx, doc_ids, cache, positions), targets)
 
     def hidden(self, idx, doc_ids=None, cache=None, positions=None):
         """The final normed hidden states (B, T, n_embd): what the head (or a classifier) reads."""

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from llm import distributed as D
 from llm.checkpoint import MARKER, CheckpointError
-from llm.config import Config, ConfigError, validate
+from llm.config import RUNTIME_MODEL_FIELDS, Config, ConfigError, validate
 from llm.data.dataset import BatchLoader, open_windows
 from llm.data.examples import ExampleLoader, encode_classify, label_set, pack_sft
 from llm.data.files import atomic_write_json
@@ -178,7 +178,8 @@ class Finetune:
         if init_cfg.task == "classify":
             raise CheckpointError(f"finetune.init_from={self.init_path} is a classifier; start from a language model")
         cfg = self.cfg
-        cfg.model = dataclasses.replace(init_cfg.model, dropout=cfg.model.dropout, kernels=cfg.model.kernels)
+        runtime = {k: getattr(cfg.model, k) for k in RUNTIME_MODEL_FIELDS}
+        cfg.model = dataclasses.replace(init_cfg.model, **runtime)
         cfg.data.tokenizer = str(self.tok.directory)
         validate(cfg, self.env.world_size, torch.cuda.is_available())  # data.seq_len against this model
         self.read_data()

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from llm import distributed as D
 from llm.checkpoint import CheckpointError, Checkpoints, check_checkpoint, tag_for
 from llm.compose import load_config, run_dir_of, run_dir_problem
-from llm.config import Config, ConfigError, validate
+from llm.config import RUNTIME_MODEL_FIELDS, Config, ConfigError, validate
 from llm.data.corpus import CorpusError
 from llm.data.examples import ExampleError
 from llm.data.shards import ShardError
@@ -83,7 +83,7 @@ def check_resumable(meta: dict, cfg: Config, tok: Tokenizer, path: Path) -> None
         )
     saved = meta["model"]
     for key, value in dataclasses.asdict(cfg.model).items():
-        if key not in ("kernels", "dropout") and saved.get(key) != value:
+        if key not in RUNTIME_MODEL_FIELDS and saved.get(key) != value:
             raise CheckpointError(
                 f"{path} has model.{key}={saved.get(key)}, this run has {value}; resume with the same model "
                 "or resume=none"

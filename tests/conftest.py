@@ -35,6 +35,12 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
 
 
 def pytest_collection_modifyitems(config, items):
+    # The Slurm tests share one local cluster and mostly wait on it (time limits, requeues): one worker runs
+    # them all (pytest-xdist --dist loadgroup), started first, while the other worker runs the rest.
+    slurm = [item for item in items if "slurm" in item.keywords]
+    for item in slurm:
+        item.add_marker(pytest.mark.xdist_group("slurm"))
+    items[:] = slurm + [item for item in items if "slurm" not in item.keywords]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -128,6 +128,7 @@ BAD_VALUES = {
     "model.dropout": (1.0, "model.dropout: 1.0 is not in [0, 1)"),
     "model.doc_mask": (None, "model.doc_mask: expected true or false, got None"),
     "model.kernels": ("cuda", "model.kernels: 'cuda' is not one of auto, triton, torch"),
+    "model.fused_loss": ("yes", "model.fused_loss: expected true or false, got 'yes'"),
     "data.paths": ([], "data.paths: needs at least one entry"),
     "data.weights": ([-1.0], "data.weights: -1.0 is not a positive weight"),
     "data.tokenizer": ("", "data.tokenizer: must not be empty"),

@@ -11,6 +11,7 @@ with a wrong mask, scale or formula is off by 1e-1 or more.
 import contextlib
 import logging
 import os
+import sys
 
 import pytest
 import torch
@@ -110,6 +111,80 @@ def test_fully_masked_tiles_are_skipped():
         )
         for x in xs:
             x.grad = None
+
+
+# The GPU tables' block sizes (kernels/attention.py CONFIGS), run by the interpreter: patching the architecture
+# the launch sees makes it take that table's BLOCK_M/BLOCK_N (warps and stages mean nothing here). fp16 takes
+# the 16-bit tables, fp32 its own small configuration; None is the interpreter's own 64 x 64.
+TABLES = [(None, torch.float32), (80, torch.float16), (90, torch.float16), (90, torch.float32)]
+HUGE = {torch.float16: 3e4, torch.float32: 1e6}
+
+
+def poisoned(x: torch.Tensor, where: torch.Tensor, value: float) -> torch.Tensor:
+    """x (B, H, T, D) with the time steps in `where` (T,) set to a huge value: any leak dwarfs the tolerance."""
+    x = x.clone()
+    x[:, :, where] = value
+    return x
+
+
+@pytest.mark.parametrize("arch, dtype", TABLES, ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # poisoned scores, masked after
+def test_the_gpu_block_sizes_match_float64_and_nothing_leaks(monkeypatch, arch, dtype, D):
+    monkeypatch.setattr(sys.modules["kernels.attention"], "_arch", lambda x: arch)
+    T, g = 200, torch.Generator().manual_seed(arch or 0)  # 200: several tiles of every size, a ragged last one
+    q, k, v, do = (torch.randn(1, h, T, D, generator=g).to(dtype) for h in (2, 1, 1, 2))  # 2 query heads per key
+    # causal: rows before m must not see keys at or after m (m inside a tile, not on its edge); the poison is
+    # a huge V and a key that would dominate every score
+    m = 77
+    after = torch.arange(T) >= m
+    xs = [q.clone(), poisoned(k, after, 30.0), poisoned(v, after, HUGE[dtype])]
+    xs = [x.requires_grad_() for x in xs]
+    out = attention(*xs, causal=True, impl="triton")
+    (out[:, :, :m].float() * do[:, :, :m].float()).sum().backward()
+    clean = [t[:, :, :m].double().requires_grad_() for t in (q, k, v)]
+    ref = attention_ref(*clean, causal=True)
+    ref.backward(do[:, :, :m].double())
+    assert_close(out[:, :, :m], ref, dtype, "causal output")
+    assert_close(xs[0].grad[:, :, :m], clean[0].grad, dtype, "causal dq")
+    for x, c, name in ((xs[1], clean[1], "dk"), (xs[2], clean[2], "dv")):
+        assert_close(x.grad[:, :, :m], c.grad, dtype, f"causal {name}")
+        assert x.grad[:, :, m:].abs().max() == 0, f"causal {name}: gradient reached keys after the diagonal"
+    # documents, causal or not: a document's rows see only its keys; the documents around it are poisoned
+    docs = torch.tensor([0] * 50 + [1] * 97 + [2] * (T - 147))
+    inside = docs == 1
+    for causal in (True, False):
+        xs = [q.clone(), poisoned(k, ~inside, 30.0), poisoned(v, ~inside, HUGE[dtype])]
+        xs = [x.requires_grad_() for x in xs]
+        out = attention(*xs, causal=causal, doc_ids=docs[None], impl="triton")
+        (out[:, :, inside].float() * do[:, :, inside].float()).sum().backward()
+        clean = [t[:, :, inside].double().requires_grad_() for t in (q, k, v)]
+        ref = attention_ref(*clean, causal=causal)
+        ref.backward(do[:, :, inside].double())
+        assert_close(out[:, :, inside], ref, dtype, f"document output (causal={causal})")
+        for x, c, name in zip(xs, clean, ("dq", "dk", "dv"), strict=True):
+            assert_close(x.grad[:, :, inside], c.grad, dtype, f"document {name} (causal={causal})")
+            assert x.grad[:, :, ~inside].abs().max() == 0, f"{name}: gradient crossed a document boundary"
+
+
+@pytest.mark.parametrize("arch, dtype", TABLES[:3], ids=str)
+def test_unsorted_and_repeated_document_ids_match_the_reference(monkeypatch, arch, dtype):
+    # a document id that comes back after another (0 ... 1 ... 0) is one document: its tokens see each other
+    monkeypatch.setattr(sys.modules["kernels.attention"], "_arch", lambda x: arch)
+    T, g = 230, torch.Generator().manual_seed(1)
+    doc_ids = torch.tensor([[0] * 40 + [1] * 70 + [0] * 30 + [2] * 60 + [1] * 30, [0] * T])
+    doc_ids[1] = torch.randint(0, 3, (T,), generator=g)  # interleaved at random
+    q, k, v, do = (torch.randn(2, 2, T, 64, generator=g).to(dtype) for _ in range(4))
+    for causal in (True, False):
+        xs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*xs, causal=causal, doc_ids=doc_ids, impl="triton")
+        out.backward(do)
+        refs = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = attention_ref(*refs, causal=causal, doc_ids=doc_ids)
+        ref.backward(do.double())
+        assert_close(out, ref, dtype, f"output (causal={causal})")
+        for x, r, name in zip(xs, refs, ("dq", "dk", "dv"), strict=True):
+            assert_close(x.grad, r.grad, dtype, f"{name} (causal={causal})")
 
 
 def test_attention_gradients_are_deterministic():

@@ -132,6 +132,17 @@ def test_bench_generate_smoke(tmp_path):
     assert row["cached_tokens_per_s"] > 0 and row["recompute_tokens_per_s"] > 0
 
 
+def test_bench_loss_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    r = tool("bench_loss.py", "--smoke", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    plain, fused = result["rows"]
+    assert (plain["fused_loss"], fused["fused_loss"]) == (False, True)
+    assert result["loss_difference"] < 1e-4 and plain["first_loss"] > 5  # the same model and batch: ~ln(4000)
+    assert all(row["step_s"] > 0 and row["step_peak_bytes"] > 0 for row in result["rows"])
+
+
 @pytest.mark.slow
 def test_bench_kernels_smoke(tmp_path):
     r = tool("bench_kernels.py", "--smoke", "--out-dir", tmp_path)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine, one command: the GPU tests, the kernel benchmark and the training benchmarks.
-# Results land under tools/results/ (kernels_<gpu>/, bench_train_<gpu>_<model>.json); commit them with the date.
+# Results land under tools/results/ (kernels_<gpu>/, bench_loss_cuda.json, bench_train_<gpu>_<model>.json);
+# commit them with the date.
 #   bash tools/gpu_check.sh
 # PYTHON picks the interpreter (default: .venv/bin/python if present, else python3). The kernel steps need
 # torch, triton, numpy, sentencepiece, tqdm and matplotlib; the training benchmark also deepspeed and hydra-core
@@ -13,8 +14,11 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' _)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-TRITON_INTERPRET=0 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py
+# one process (the GPU image has no pytest-xdist, which the suite's default options use)
+TRITON_INTERPRET=0 "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="-ra --strict-markers" -m gpu \
+  tests/test_kernels_gpu.py
 "$PYTHON" tools/bench_kernels.py
+"$PYTHON" tools/bench_loss.py
 if "$PYTHON" -c "import deepspeed, hydra" 2>/dev/null; then
   for model in gpt2-124m gpt2-350m; do
     "$PYTHON" tools/bench_train.py "model=$model" data.seq_len=1024 train.micro_batch=16 train.global_batch=16 \
