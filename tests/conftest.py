@@ -35,11 +35,10 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
 
 
 def pytest_collection_modifyitems(config, items):
-    # The Slurm tests share one local cluster and mostly wait on it (time limits, requeues): one worker runs
-    # them all (pytest-xdist --dist loadgroup), started first, while the other worker runs the rest.
+    # The Slurm tests share one local cluster and mostly wait on it (time limits, requeues): they are all in
+    # test_slurm.py, which one worker runs (pytest-xdist --dist loadfile), started first, while the other
+    # worker runs the rest.
     slurm = [item for item in items if "slurm" in item.keywords]
-    for item in slurm:
-        item.add_marker(pytest.mark.xdist_group("slurm"))
     items[:] = slurm + [item for item in items if "slurm" not in item.keywords]
     if torch.cuda.is_available():
         return

@@ -23,7 +23,7 @@ from slurm_cluster import Cluster, SlurmUnavailable  # noqa: E402
 from llm.checkpoint import check_checkpoint
 from llm.metrics import read_history
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # all in this file: one worker runs them (conftest.py)
 SHIM = str(ROOT / "tests" / "python_with_faults.sh")
 
 
