@@ -42,25 +42,23 @@ def to_device(batch, device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def all_mean(value: torch.Tensor) -> float:
-    t = value.detach().float().clone()
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
 @torch.no_grad()
 def evaluate(engine, windows, cfg: Config, env: D.DistEnv, device, eos_id: int) -> float:
     """Pretraining: the mean loss over the first eval_batches global batches of the val split, the same windows
     every time, whatever the number of ranks."""
     t = cfg.train
     loader = BatchLoader(windows, t.global_batch, t.micro_batch, eos_id, env.rank, env.world_size)
-    n = max(1, min(t.eval_batches, windows.n // t.global_batch)) * loader.grad_accum
+    batches = max(1, min(t.eval_batches, windows.n // t.global_batch))
     engine.eval()
-    total = torch.zeros((), device=device)
-    for _ in range(n):
-        total += engine(**to_device(next(loader), device)).float()
+    n = batches * loader.grad_accum
+    losses = torch.stack([engine(**to_device(next(loader), device)).float() for _ in range(n)])
     engine.train()
-    return all_mean(total / n)
+    # every micro-batch's loss, in the order of the global samples it covers (ranks hold contiguous parts of each
+    # global batch), summed in that order: the same number on any number of ranks
+    gathered = [torch.empty_like(losses) for _ in range(env.world_size)]
+    dist.all_gather(gathered, losses)
+    ordered = torch.stack(gathered).reshape(env.world_size, batches, -1).transpose(0, 1).flatten()
+    return sum(ordered.double().tolist()) / len(ordered)
 
 
 def build_model(cfg: Config, tok: Tokenizer) -> GPT:

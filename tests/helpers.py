@@ -2,10 +2,13 @@
 per-step records of a run's metrics.jsonl, a way to damage a file without changing its size, and small
 fine-tuning files."""
 
+import contextlib
 import json
 import random
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from llm.config import Config
 from llm.metrics import read_history
@@ -81,3 +84,15 @@ def classify_rows(n, seed=0):
         {"text": " ".join(rng.choices(kinds[k], k=rng.randint(2, 6))), "label": k}
         for k in rng.choices(sorted(kinds), k=n)
     ]
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run in-process training with one intra-op thread, as the launched ranks (OMP_NUM_THREADS=1) do: a
+    matmul split over threads may round differently, and the comparisons with launched runs are bitwise."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -171,15 +171,16 @@ def test_a_rank_killed_mid_save_ends_the_step_in_seconds_naming_it_and_the_job_r
 def test_a_finetune_job_is_preempted_requeued_and_resumes_exactly(cluster, tmp_path, prepared_dir, tokenizer_dir):
     # slurm/finetune.sbatch runs the pretraining job logic with task=sft: the same preemption round trip, and the
     # same losses as one uninterrupted run in this process (2 ranks x 1 micro-batch sum as 1 rank x 2)
-    from helpers import make_cfg, records, sft_rows, write_jsonl
+    from helpers import make_cfg, one_thread, records, sft_rows, write_jsonl
 
     from llm.compose import load_config
     from llm.train import train
 
-    base = train(make_cfg(tmp_path, prepared_dir, tokenizer_dir, "base", train={"max_steps": 2}))["run_dir"]
-    sft = ["finetune.init_from=" + base, "optim.grad_clip=0", "train.max_steps=8", "train.ckpt_every_steps=2"]
-    sft += ["finetune.train_file=" + write_jsonl(tmp_path / "t.jsonl", sft_rows(80))]
-    train(load_config(["task=sft", *overrides(tmp_path, prepared_dir, tokenizer_dir, "reference", *sft)]))
+    with one_thread():  # as the job's ranks
+        base = train(make_cfg(tmp_path, prepared_dir, tokenizer_dir, "base", train={"max_steps": 2}))["run_dir"]
+        sft = ["finetune.init_from=" + base, "optim.grad_clip=0", "train.max_steps=8", "train.ckpt_every_steps=2"]
+        sft += ["finetune.train_file=" + write_jsonl(tmp_path / "t.jsonl", sft_rows(80))]
+        train(load_config(["task=sft", *overrides(tmp_path, prepared_dir, tokenizer_dir, "reference", *sft)]))
     args = overrides(tmp_path, prepared_dir, tokenizer_dir, "sft", *sft)
     resources = ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", "--time=10"]
     job_env = {"PYTHON": SHIM, "REAL_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "LLM_FAULT": "slow"}
