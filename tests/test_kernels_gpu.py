@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from test_kernels import TOL, assert_close, sorted_docs
+from test_kernels import TOL, assert_close, compare_attention, sorted_docs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,21 +25,10 @@ pytestmark = [
     ],
 )
 def test_attention_on_gpu(dtype, T, D, Hq, Hkv, causal, docs):
-    from kernels import attention, attention_ref
-
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(2, h, T, D, device="cuda", generator=g).to(dtype) for h in (Hq, Hkv, Hkv))
     do = torch.randn(2, Hq, T, D, device="cuda", generator=g).to(dtype)
-    doc_ids = sorted_docs(2, T).cuda() if docs else None
-    xs = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = attention(*xs, causal=causal, doc_ids=doc_ids, impl="triton")
-    out.backward(do)
-    refs = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = attention_ref(*refs, causal=causal, doc_ids=doc_ids)
-    ref.backward(do.double())
-    assert_close(out, ref, dtype, "output")
-    for name, x, r in zip(("dq", "dk", "dv"), xs, refs, strict=True):
-        assert_close(x.grad, r.grad, dtype, name)
+    compare_attention(q, k, v, do, causal, sorted_docs(2, T).cuda() if docs else None)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
