@@ -2,13 +2,16 @@
 
     python -m kernels.compile_check [--arch 90] [--arch 80] [--arch 89] [--json PATH]
 
-Every attention variant a model launches (causal or not, with or without documents; bf16 at head dims 64 and
-128, fp16 and fp32 at 128), for sm_90, sm_80 and sm_89 (99 KB of shared memory, as sm_86 and sm_120), with
-the alignment specialization a real launch gets. Fails (exit 1) when a configuration needs more shared memory
-than the target allows (compilation itself does not check that; launching would fail), or when a 16-bit
-attention kernel's PTX has no tensor-core (mma / wgmma) instruction. Reports registers, spills and the
-asynchronous copies (cp.async / TMA) that pipelining is made of. Must run with TRITON_INTERPRET unset:
-interpreted kernels cannot be compiled.
+Every attention variant a model launches (causal or not, with or without documents; bf16 at head dims 32, 64
+and 128 (80 and 96 compile as 128), fp16 and fp32 at 128; the delta preprocess), for sm_90, sm_80 and sm_89
+(99 KB of shared memory, as sm_86 and sm_120), with the alignment specialization a real launch gets. Fails
+(exit 1) when a configuration needs more shared memory than the target allows (compilation itself does not
+check that; launching would fail); when a 16-bit attention product is not on tensor cores: any `mma.sync` on
+sm_90, where every product must be `wgmma`, or none on sm_80/89; when an attention kernel has no asynchronous
+copy (cp.async / TMA: its main loops are not software-pipelined); when registers spill, except the few
+accepted in `accepted_spill` (fp32 attention; the norm backward at 64 KB rows). Prints, per configuration:
+shared memory, registers, spills, wgmma / mma.sync / async-copy instruction counts. Must run with
+TRITON_INTERPRET unset: interpreted kernels cannot be compiled.
 """
 
 from __future__ import annotations
@@ -31,8 +34,22 @@ PTR_TYPES = {
     "DW": "*fp32",
     "DB": "*fp32",
     "DOC": "*i32",
+    "RANGES": "*i32",
 }
 FLOATS = {"qk_scale", "sm_scale", "eps"}
+# the attention kernels with a main loop over tiles
+ATTENTION_LOOPS = {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
+
+
+def accepted_spill(name: str, dtype: str, constexprs: dict) -> bool:
+    """The register spills accepted, each for a reason: fp32 attention (checks, not training) spills at D=128 in
+    every configuration tried; the norm backward at 64 KB rows (the row kept in registers by 1024 threads, at
+    most 64 registers each) spills about 1 KB."""
+    if name in ATTENTION_LOOPS:
+        return dtype == "fp32"
+    return name == "_norm_bwd_kernel" and constexprs["BLOCK_N"] * (4 if dtype == "fp32" else 2) >= 65536
+
+
 # sizes; every other capitalised argument is a tensor
 INTS = {"_attn": {"H", "HKV", "GROUP", "T", "D"}, "_norm": {"M", "N"}}
 
@@ -89,11 +106,13 @@ def jobs(archs: list[int]) -> list[tuple]:
             # documents: the loops and loads differ); fp16 compiles as bf16 does (one variant), fp32 (checks, not
             # training) with and without documents at the larger bucket
             variants = [("bf16", c, d, bd) for c in (True, False) for d in (True, False) for bd in (64, 128)]
+            variants += [("bf16", True, d, 32) for d in (True, False)]  # D=32: its own BLOCK_D (80, 96 take 128)
             variants += [("fp16", True, True, 128), ("fp32", True, True, 128), ("fp32", True, False, 128)]
             for dtype, causal, docs, bd in variants:
-                bm, bn, warps, stages = A.config(kind, bd, arch, getattr(torch, TORCH_DTYPES[dtype]))
+                bm, bn, warps, stages = A.config(kind, bd, arch, getattr(torch, TORCH_DTYPES[dtype]), causal, docs)
                 ce = dict(CAUSAL=causal, HAS_DOC=docs, IEEE=dtype == "fp32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
                 out.append((name, arch, dtype, ce, warps, stages))
+        out.append(("_attn_bwd_delta_kernel", arch, "bf16", dict(BLOCK_M=128, BLOCK_D=128), 4, 1))
         if arch == 89:  # the norms keep a row in registers: the same code as sm_80, no shared-memory table
             continue
         for dtype, sizes in (("bf16", (1024, 4096, 32768)), ("fp32", (1024, 4096, 16384))):
@@ -152,16 +171,24 @@ def compile_one(job: tuple) -> dict:
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
     ptx = kernel.asm["ptx"]
     registers, spills, serialized = _ptxas_report(ptx, arch)
-    tensor_cores = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else None
-    # asynchronous global->shared copies (what software pipelining is made of); not yet a failure: the
-    # document-masked attention loads K/V under a branch and gets none (to be restructured)
+    wgmma, mma_sync = ptx.count("wgmma.mma_async"), ptx.count("mma.sync")
+    tensor_cores = "wgmma" if wgmma else "mma" if mma_sync else None
+    # asynchronous global->shared copies: what software pipelining is made of
     async_copies = ptx.count("cp.async.cg") + ptx.count("cp.async.ca") + ptx.count("cp.async.bulk")
     shared = kernel.metadata.shared
     problems = []
     if shared > SMEM_LIMIT[arch]:
         problems.append(f"needs {shared} bytes of shared memory, sm_{arch} allows {SMEM_LIMIT[arch]}")
-    if name.startswith("_attn") and dtype != "fp32" and tensor_cores is None:
-        problems.append("no tensor-core (mma/wgmma) instruction in the PTX")
+    attention = name in ATTENTION_LOOPS
+    if attention and dtype != "fp32":
+        if arch == 90 and (mma_sync or not wgmma):
+            problems.append(f"{mma_sync} products on mma.sync, {wgmma} on wgmma: every one must be wgmma on sm_90")
+        if arch != 90 and not mma_sync:
+            problems.append("no tensor-core (mma.sync) instruction in the PTX")
+    if attention and not async_copies:
+        problems.append("no asynchronous copy (cp.async / TMA): the main loops are not pipelined")
+    if spills and not accepted_spill(name, dtype, constexprs):
+        problems.append(f"spills {spills} bytes of registers")
     return {
         "kernel": name,
         "arch": arch,
@@ -171,6 +198,8 @@ def compile_one(job: tuple) -> dict:
         "num_stages": stages,
         "shared_bytes": shared,
         "tensor_cores": tensor_cores,
+        "wgmma": wgmma,
+        "mma_sync": mma_sync,
         "async_copies": async_copies,
         "registers": registers,
         "spill_bytes": spills,
@@ -194,13 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         flag = "FAIL" if r["problems"] else "ok  "
         shape = {k: v for k, v in r["constexprs"].items() if k.startswith("BLOCK")}
-        if r["kernel"].startswith("_attn"):
+        if r["kernel"] in ATTENTION_LOOPS:
             shape |= {k: int(r["constexprs"][k]) for k in ("CAUSAL", "HAS_DOC")}
         note = " WGMMA-SERIALIZED" if r["wgmma_serialized"] else ""
         print(
             f"{flag} sm_{r['arch']} {r['kernel']:<22} {r['dtype']:<5} {shape} warps={r['num_warps']} "
-            f"smem={r['shared_bytes']} tc={r['tensor_cores']} async={r['async_copies']} regs={r['registers']} "
-            f"spill={r['spill_bytes']}"
+            f"smem={r['shared_bytes']} wgmma={r['wgmma']} mma={r['mma_sync']} async={r['async_copies']} "
+            f"regs={r['registers']} spill={r['spill_bytes']}"
             f"{note} {'; '.join(r['problems'])}"
         )
     if args.json:

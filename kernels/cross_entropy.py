@@ -12,7 +12,8 @@ computed in the input's dtype as the plain head would, upcast to fp32, and turne
 the gradient of the logits, softmax - one_hot(target), scaled by 1/count; that gradient gives the chunk's
 dh = g W (written into a (N, C) buffer) and adds g^T h to an fp32 dW. Nothing of the chunk survives it, so
 the memory beyond the model's own tensors is one chunk of logits and dh, dW; the chunk is sized so that its
-logits hold about as many values as h (at least 1, at most 4096 tokens). The backward only scales the
+logits hold about as many values as h, but at least MIN_CHUNK_LOGITS (small models then run a few large
+products rather than many thin ones), a power of two of at most 4096 tokens. The backward only scales the
 gradients computed in the forward by the incoming gradient (deterministic; no host synchronisation), so a
 graph through it can be backpropagated once.
 """
@@ -37,10 +38,14 @@ def _acc(h: torch.Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, torch.float32)
 
 
+MIN_CHUNK_LOGITS = 1 << 22  # 16 MB of fp32 logits: below it, per-chunk overhead outweighs the memory saved
+
+
 def chunk_tokens(n_tokens: int, vocab: int, width: int) -> int:
-    """Tokens per chunk: about as many logits as hidden-state values, a power of two in [1, 4096]."""
-    per = max(1, math.ceil(n_tokens / max(1, math.ceil(vocab / width))))
-    return min(4096, 1 << (per - 1).bit_length())
+    """Tokens per chunk: logits of about max(N x C, MIN_CHUNK_LOGITS) values, a power of two in [1, 4096]."""
+    per = math.ceil(max(n_tokens * width, MIN_CHUNK_LOGITS) / vocab)
+    per = min(per, n_tokens, 4096)
+    return 1 << (max(1, per) - 1).bit_length()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

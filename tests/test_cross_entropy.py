@@ -65,10 +65,16 @@ def test_ignored_targets_give_exactly_zero_loss_and_gradient():
     assert loss.item() == 0 and dh.abs().max() == 0 and dw.abs().max() == 0
 
 
+def test_chunks_hold_as_many_logits_as_h_but_not_fewer_than_the_minimum():
+    assert chunk_tokens(16 * 1024, 50304, 768) == 256  # gpt2-124m: 250 x 50304 logits ~ 16k x 768
+    assert chunk_tokens(16 * 256, 8192, 128) == 512  # the demo: the minimum, 2^22 / 8192 tokens
+    assert chunk_tokens(300, 8192, 128) == 512 and chunk_tokens(1, 50304, 768) == 1  # not past N (rounded up)
+    assert chunk_tokens(1 << 20, 1000, 4096) == 4096  # at most 4096 tokens
+
+
 def test_no_operation_holds_all_the_logits():
     h, w, targets, vocab = inputs(torch.float32, n=512, width=32, padded=1024, vocab=1000)
-    chunk = chunk_tokens(512, vocab, 32)
-    assert chunk == 16  # logits of a chunk: about as many values as h
+    chunk = 16  # as chunk_tokens would choose for a model this size if not for MIN_CHUNK_LOGITS
 
     class Largest(TorchDispatchMode):
         numel = 0
@@ -83,7 +89,7 @@ def test_no_operation_holds_all_the_logits():
     for fn, bound in [(linear_cross_entropy, 1024 * 32 * 2), (linear_cross_entropy_ref, 512 * 1000)]:
         Largest.numel = 0
         with Largest():
-            fn(h, w, targets, vocab).backward()
+            fn(h, w, targets, vocab, **({"chunk": chunk} if fn is linear_cross_entropy else {})).backward()
         # fused: nothing larger than the weight's gradient; plain: the full logits
         assert (Largest.numel <= bound) if fn is linear_cross_entropy else (Largest.numel >= bound), Largest.numel
 

@@ -31,6 +31,21 @@ def test_attention_on_gpu(dtype, T, D, Hq, Hkv, causal, docs):
     compare_attention(q, k, v, do, causal, sorted_docs(2, T).cuda() if docs else None)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_and_unsorted_documents_on_gpu(causal):
+    # documents of realistic lengths (log-normal, mean ~250: tiles inside documents run unmasked, boundary tiles
+    # masked) in one row, and the same ids shuffled in the other (the fallback that masks every tile)
+    T, D = 4096, 128
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.exp(5.0 + torch.randn(200, generator=g)).long().clamp(min=1)
+    packed = torch.repeat_interleave(torch.arange(200), lengths)[:T]
+    assert len(packed) == T
+    doc_ids = torch.stack([packed, packed[torch.randperm(T, generator=g)]]).cuda()
+    gc = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(2, h, T, D, device="cuda", generator=gc).bfloat16() for h in (8, 2, 2, 8))
+    compare_attention(q, k, v, do, causal, doc_ids, f" (causal={causal})")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("N", [4096, 16384])
 @pytest.mark.parametrize("kind", ["layer", "rms"])

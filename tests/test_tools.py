@@ -150,6 +150,61 @@ def test_bench_kernels_smoke(tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     impls = {(row["op"], row["impl"]) for row in result["rows"]}
     assert {("attention", "ours"), ("attention", "sdpa_math"), ("layer_norm", "ours"), ("rms_norm", "torch")} <= impls
+    paths = {(row["path"], row["impl"]): row for row in result["rows"] if row["op"] == "attention_paths"}
+    assert {("gqa", "ours"), ("gqa", "sdpa"), ("docs", "ours"), ("docs", "sdpa_mask")} <= set(paths)
+    assert 0 < paths["docs", "ours"]["visible_fraction"] < 1 and paths["docs", "ours"]["vs_causal"] > 0
     assert all(row["ms"] > 0 and row["fraction_of_ceiling"] > 0 for row in result["rows"])
     assert result["ceilings"]["matmul_tflops"] > 0 and result["ceilings"]["copy_gbs"] > 0
     assert {"results.csv", "attention_d32.png", "norms.png"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_tune_attention_picks_the_least_total_and_variants_only_when_clearly_faster():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from tune_attention import choose
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    a, b, c = (64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)
+    ms = {  # (causal, docs) -> {config: ms}; c fails to launch with documents
+        (True, False): {a: 10.0, b: 8.0, c: 7.9},
+        (True, True): {a: 6.0, b: 7.0},
+        (False, False): {a: 20.0, b: 15.0, c: 14.5},
+    }
+    rows = [
+        {"kind": "fwd", "bucket": 128, "causal": k[0], "docs": k[1], "config": cfg, "ms": t}
+        for k, at in ms.items()
+        for cfg, t in at.items()
+    ]
+    shared, variants = choose(rows)
+    assert shared == {("fwd", 128): b}  # least total over the variants it launched in (c: not in all)
+    assert variants == {("fwd", 128, True, True): a}  # 6.0 < 7.0 / 1.05; c's 1% gains are no reason
+
+
+@pytest.mark.slow
+def test_tune_attention_smoke(tmp_path):
+    r = tool("tune_attention.py", "--smoke", "--out", tmp_path / "tune.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((tmp_path / "tune.json").read_text())
+    kinds = {(row["kind"], row["causal"], row["docs"]) for row in result["rows"]}
+    assert kinds == {(k, c, d) for k in ("fwd", "dkdv", "dq") for c, d in ((True, False), (True, True), (False, False))}
+    assert {e["kind"] for e in result["shared"]} == {"fwd", "dkdv", "dq"} and all(r["ms"] > 0 for r in result["rows"])
+    assert "CONFIGS['fwd']" in r.stdout
+
+
+def test_gpu_check_runs_every_step_and_reports_each_failure(tmp_path):
+    # a stand-in GPU machine: nvidia-smi names a GPU, the Python interpreter records each call and fails the
+    # kernel benchmark: every later step must still run, and the failure be reported at the end
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho 'Fake GPU'\n")
+    log = tmp_path / "calls"
+    (tmp_path / "python").write_text(
+        f'#!/bin/sh\necho "$*" >> {log}\ncase "$*" in *bench_kernels.py*) exit 3;; esac\nexit 0\n'
+    )
+    for f in ("nvidia-smi", "python"):
+        (tmp_path / f).chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "PYTHON": str(tmp_path / "python")}
+    r = subprocess.run(["bash", str(ROOT / "tools/gpu_check.sh")], env=env, capture_output=True, text=True)
+    calls = log.read_text()
+    assert r.returncode == 1 and "FAILED: kernel benchmark (exit 3)" in r.stderr, r.stdout + r.stderr
+    for later in ("tune_attention.py", "bench_loss.py", "bench_train.py model=gpt2-124m", "model=gpt2-350m"):
+        assert later in calls, calls
+    assert r.stderr.count("FAILED") == 1 and "all steps passed" not in r.stdout

@@ -7,8 +7,13 @@ Attention: forward, backward and forward+backward TFLOP/s for T = 512..16k (B x 
 head dims 64 and 128, causal and not; ours against torch SDPA with each backend it has (flash, efficient,
 cuDNN, math) and flash-attn if importable. FLOPs: 4 B H T^2 D forward, 2.5x that backward, halved when causal
 (the FlashAttention convention). Ceiling: a large bf16 matmul's TFLOP/s.
-Norms: forward and backward GB/s (x and y, plus dy and dx, counted once) for hidden sizes 1k..16k, ours
-against torch eager and torch.compile. Ceiling: a large device-to-device copy's GB/s (read + write).
+The model's own paths (op attention_paths), causal at T = 8k, D = 128: grouped-query heads (32 query / 8 K/V
+heads) against SDPA with enable_gqa, and packed documents (log-normal lengths, mean 1k tokens, as packing
+yields) against SDPA with the boolean mask; FLOPs counted over the visible pairs only. `vs_causal` is the time
+with documents over the causal time scaled by the visible fraction (1.0: time proportional to the work).
+Norms: forward and backward GB/s (each tensor read or written counted once) for hidden sizes 1k..16k, alone
+and fused as the model runs them (residual added in, LayerNorm with a bias), ours against torch eager and
+torch.compile. Ceiling: a large device-to-device copy's GB/s (read + write).
 Writes results.json, results.csv and plots (PNG) to --out-dir, and prints a table.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
 import sys
@@ -146,27 +152,105 @@ def bench_attention(kernels, device, dtype, smoke: bool, ceil: dict, reps: int) 
     return rows
 
 
+def packed_documents(B: int, T: int, mean: float, device, seed: int = 0) -> torch.Tensor:
+    """(B, T) non-decreasing document ids, log-normal lengths (sigma 1) of the given mean, as packing yields."""
+    g = torch.Generator().manual_seed(seed)
+    sigma = 1.0
+    mu = math.log(mean) - sigma**2 / 2
+    rows = []
+    for _ in range(B):
+        lengths = []
+        while sum(lengths) < T:
+            lengths.append(max(1, int(math.exp(mu + sigma * torch.randn((), generator=g).item()))))
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[:T]
+        rows.append(ids)
+    return torch.stack(rows).to(device=device, dtype=torch.int32)
+
+
+def visible_pairs(doc_ids: torch.Tensor) -> int:
+    """Causal (query, key) pairs inside documents: L (L + 1) / 2 per document of L tokens."""
+    lengths = torch.cat([torch.bincount(row.long()) for row in doc_ids.cpu()]).double()
+    return int((lengths * (lengths + 1) / 2).sum().item())
+
+
+def bench_model_paths(kernels, device, dtype, smoke: bool, ceil: dict, reps: int) -> list[dict]:
+    """GQA and document-masked causal attention, ours against SDPA (see the module docstring)."""
+    F = torch.nn.functional
+    B, T, D, (hq, hkv), mean = (1, 64, 16, (2, 1), 12) if smoke else (2, 8192, 128, (32, 8), 1024)
+    q = torch.randn(B, hq, T, D, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(B, hkv, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    docs = packed_documents(B, T, mean, device)
+    from kernels.attention import attention_mask
+
+    mask = attention_mask(docs, T, True, device)
+    causal_pairs, doc_pairs = B * T * (T + 1) // 2, visible_pairs(docs)
+    cases = {
+        ("gqa", "ours"): (lambda: kernels.attention(q, k, v, causal=True, impl="triton"), causal_pairs),
+        ("gqa", "sdpa"): (
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+            causal_pairs,
+        ),
+        ("docs", "ours"): (lambda: kernels.attention(q, k, v, causal=True, doc_ids=docs, impl="triton"), doc_pairs),
+        ("docs", "sdpa_mask"): (
+            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+            doc_pairs,
+        ),
+    }
+    rows, times = [], {}
+    for (path, impl), (fn, pairs) in cases.items():
+        try:
+            do = torch.randn_like(fn())
+            t_fwd = timed(fn, reps)
+            t_all = timed(lambda: torch.autograd.grad(fn(), (q, k, v), do), reps)
+        except RuntimeError as e:  # a backend that does not take this shape or dtype
+            print(f"skip {path} {impl}: {str(e).splitlines()[0][:80]}")
+            continue
+        times[path, impl] = (t_fwd, t_all)
+        flops = 4 * hq * D * pairs
+        base = {"op": "attention_paths", "impl": impl, "path": path, "T": T, "D": D, "causal": True}
+        base |= {"heads": f"{hq}/{hkv}", "visible_fraction": pairs / causal_pairs}
+        rows += pass_rows(base, t_fwd, t_all, flops, 2.5 * flops, "tflops", 1e12, ceil["matmul_tflops"])
+    if ("docs", "ours") in times and ("gqa", "ours") in times:  # documents' time over the visible work's share
+        for row in rows:
+            if row["path"] == "docs" and row["impl"] == "ours":
+                i = ("fwd", "bwd", "fwd+bwd").index(row["pass"])
+                causal_ms = [times["gqa", "ours"][0], times["gqa", "ours"][1] - times["gqa", "ours"][0]]
+                causal_ms.append(times["gqa", "ours"][1])
+                row["vs_causal"] = row["ms"] / 1e3 / (causal_ms[i] * row["visible_fraction"])
+    return rows
+
+
 def bench_norms(kernels, device, dtype, smoke: bool, ceil: dict, reps: int) -> list[dict]:
+    """Each norm alone (x -> y) and as the model runs it (`fused`: the residual added in, y and the sum h out;
+    LayerNorm with a bias)."""
     rows = []
     sizes = [256, 1000] if smoke else [1024, 2048, 4096, 8192, 16384]
     tokens = 64 if smoke else 16384
     for op in ("layer_norm", "rms_norm"):
         ours = getattr(kernels, op)
         ref = getattr(kernels, f"{op}_ref")
-        impls = {"ours": lambda x, w, f=ours: f(x, w, impl="triton"), "torch": ref}
+        impls = {"ours": lambda *a, f=ours, **kw: f(*a, impl="triton", **kw), "torch": ref}
         if CUDA:
             impls["torch_compile"] = torch.compile(ref)
         for name, fn in impls.items():
             for N in sizes:
-                x = torch.randn(tokens, N, device=device, dtype=dtype, requires_grad=True)
-                w = torch.ones(N, device=device, dtype=dtype, requires_grad=True)
-                dy = torch.randn_like(x)
-                t_fwd = timed(lambda: fn(x, w), reps)
-                t_all = timed(lambda: torch.autograd.grad(fn(x, w), (x, w), dy), reps)
-                nbytes = x.numel() * x.element_size()  # x and y forward; x, dy and dx backward
-                rows += pass_rows(
-                    {"op": op, "impl": name, "N": N}, t_fwd, t_all, 2 * nbytes, 3 * nbytes, "gbs", 1e9, ceil["copy_gbs"]
-                )
+                for fused in (False, True):
+                    x = torch.randn(tokens, N, device=device, dtype=dtype, requires_grad=True)
+                    w = torch.ones(N, device=device, dtype=dtype, requires_grad=True)
+                    r = torch.randn_like(x, requires_grad=True)
+                    b = torch.zeros(N, device=device, dtype=dtype, requires_grad=True)
+                    extra = ({"bias": b} if op == "layer_norm" else {}) | {"residual": r} if fused else {}
+                    inputs = (x, w, *extra.values())
+                    dy, dh = torch.randn_like(x), torch.randn_like(x)
+                    run = lambda: fn(x, w, **extra)
+                    grads = (dy, dh) if fused else dy
+                    t_fwd = timed(run, reps)
+                    t_all = timed(lambda: torch.autograd.grad(run(), inputs, grads), reps)
+                    nbytes = x.numel() * x.element_size()
+                    # alone: x, y forward; x, dy, dx backward. fused: x, r, y, h; h, dy, dh, dx
+                    fwd_bytes, bwd_bytes = (4 * nbytes, 4 * nbytes) if fused else (2 * nbytes, 3 * nbytes)
+                    base = {"op": op, "impl": name, "N": N, "fused": fused}
+                    rows += pass_rows(base, t_fwd, t_all, fwd_bytes, bwd_bytes, "gbs", 1e9, ceil["copy_gbs"])
     return rows
 
 
@@ -199,12 +283,14 @@ def plot(rows: list[dict], out_dir: Path) -> list[str]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path.name)
-    norms = [r for r in rows if r["op"] != "attention" and r["pass"] == "fwd+bwd"]
+    norms = [r for r in rows if r["op"] in ("layer_norm", "rms_norm") and r["pass"] == "fwd+bwd"]
     if norms:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, op in zip(axes, ("layer_norm", "rms_norm"), strict=True):
             for impl in sorted({r["impl"] for r in norms}):
-                pts = sorted((r["N"], r["gbs"]) for r in norms if r["impl"] == impl and r["op"] == op)
+                pts = sorted(
+                    (r["N"], r["gbs"]) for r in norms if r["impl"] == impl and r["op"] == op and not r["fused"]
+                )
                 if pts:
                     ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
             ax.set(xscale="log", xlabel="hidden size N", ylabel="GB/s (fwd+bwd)", title=op)
@@ -237,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     ceil = ceilings(device, dtype, args.smoke)
     rows = bench_attention(kernels, device, dtype, args.smoke, ceil, reps)
+    rows += bench_model_paths(kernels, device, dtype, args.smoke, ceil, reps)
     rows += bench_norms(kernels, device, dtype, args.smoke, ceil, reps)
 
     print(
@@ -245,11 +332,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"{'op':<11}{'impl':<15}{'shape':<22}{'pass':<9}{'ms':>9}{'rate':>12}{'of ceiling':>12}")
     for r in rows:
-        shape = f"T={r['T']} D={r['D']} {'c' if r['causal'] else 'f'}" if r["op"] == "attention" else f"N={r['N']}"
+        shape = f"T={r['T']} D={r['D']} {'c' if r['causal'] else 'f'}" if "T" in r else f"N={r['N']}"
+        if r.get("fused"):
+            shape += " +residual"
+        if "path" in r:
+            shape = f"{r['path']} {r['heads']} {shape}"
         rate = f"{r['tflops']:.2f} TF/s" if "tflops" in r else f"{r['gbs']:.1f} GB/s"
+        extra = f"  {r['vs_causal']:.2f}x causal" if "vs_causal" in r else ""
         print(
-            f"{r['op']:<11}{r['impl']:<15}{shape:<22}{r['pass']:<9}{r['ms']:>9.3f}{rate:>12}"
-            f"{100 * r['fraction_of_ceiling']:>11.1f}%"
+            f"{r['op'][:10]:<11}{r['impl']:<15}{shape:<22}{r['pass']:<9}{r['ms']:>9.3f}{rate:>12}"
+            f"{100 * r['fraction_of_ceiling']:>11.1f}%{extra}"
         )
     meta = {
         "device": name,
