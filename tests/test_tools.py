@@ -89,6 +89,10 @@ def test_bench_data_smoke(tmp_path):
     assert result["prepare_1_worker"]["tokens_per_s"] > 0 and result["prepare_speedup"] > 0
     assert result["dataset_reads"]["tokens_per_s"] > 0
     assert "dataset reads" in r.stdout
+    formats = result["corpus_formats"]["formats"]
+    assert set(formats) == {"jsonl", "jsonl.gz", "jsonl.zst", "parquet"}
+    assert all(f["text_mb_per_s"] > 0 for f in formats.values())
+    assert formats["jsonl.zst"]["file_mb"] < formats["jsonl"]["file_mb"]
 
 
 @pytest.mark.slow

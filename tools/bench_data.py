@@ -5,7 +5,9 @@
 
 Reports tokenizer-training time and peak memory (measured in a child process), preparation throughput
 (MB/s of input, tokens/s; best of --repeat runs) with 1 worker and with every core plus their ratio, and
-the packed dataset's read throughput (tokens/s on one core) for seq_len x batch.
+the packed dataset's read throughput (tokens/s on one core) for seq_len x batch, and the corpus reader's
+throughput per input format (the same documents as JSONL, .jsonl.gz, .jsonl.zst and Parquet: MB of text per
+second on one core, best of --repeat, and the files' size).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import _bootstrap  # noqa: F401
 import torch
 from _results import write_json
 
+from llm.data.corpus import Corpus, CorpusStats
 from llm.data.dataset import BatchLoader, open_windows
 from llm.data.prepare import PrepareConfig, prepare
 from llm.data.tokenizer import Tokenizer
@@ -94,6 +97,38 @@ def bench_reads(data: Path, seq_len: int, batch: int, seconds: float) -> dict:
     }
 
 
+def bench_formats(inputs: list[str], out: Path, repeat: int) -> dict:
+    """Write the corpus's documents in each format, then time reading them all back (Corpus.documents)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    docs = list(Corpus(inputs).documents(CorpusStats()))
+    data = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "c.jsonl").write_bytes(data)
+    (out / "c.jsonl.gz").write_bytes(gzip.compress(data, compresslevel=6))
+    (out / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress(data))
+    pq.write_table(pa.table({"text": docs}), out / "c.parquet", row_group_size=1024, compression="zstd")
+    text_mb = sum(len(d.encode()) for d in docs) / 1e6
+    result = {}
+    for name in ("c.jsonl", "c.jsonl.gz", "c.jsonl.zst", "c.parquet"):
+        seconds = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            n = sum(1 for _ in Corpus([str(out / name)]).documents(CorpusStats()))
+            seconds = min(seconds, time.perf_counter() - t0)
+        assert n == len(docs), (name, n, len(docs))
+        result[name[2:]] = {
+            "seconds": round(seconds, 3),
+            "text_mb_per_s": round(text_mb / seconds, 1),
+            "file_mb": round((out / name).stat().st_size / 1e6, 2),
+        }
+    return {"documents": len(docs), "text_mb": round(text_mb, 1), "formats": result}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", default=["stdlib"])
@@ -117,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         one = bench_prepare(args.input, tmp / "tok", tmp / "one", 1, args.repeat)
         many = bench_prepare(args.input, tmp / "tok", tmp / "many", cores, args.repeat)
         reads = bench_reads(tmp / "many" / "0", args.seq_len, args.batch, args.read_seconds)
+        formats = bench_formats(args.input, tmp / "formats", args.repeat)
     result = {
         "machine": {
             "cpu_cores": cores,
@@ -132,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         f"prepare_{cores}_workers": many,
         "prepare_speedup": round(one["seconds"] / many["seconds"], 2),
         "dataset_reads": reads,
+        "corpus_formats": formats,
     }
     print(f"machine: {cpu_name()}, {cores} cores, {platform.platform()}")
     print(
@@ -147,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         f"dataset reads      : {reads['tokens_per_s'] / 1e6:.1f} M tokens/s "
         f"(seq_len {reads['seq_len']} x batch {reads['batch']}, one core)"
     )
+    for name, r in formats["formats"].items():
+        print(
+            f"read {name:<11}: {r['text_mb_per_s']:.1f} MB/s of text (one core), file {r['file_mb']} MB "
+            f"for {formats['text_mb']} MB of text"
+        )
     write_json(args.out, result)
     return 0
 

@@ -4,8 +4,11 @@ An input PATH is a file, a directory (walked recursively, hidden entries skipped
 `stdlib`: the Python standard library's `.py` files on this machine, the embedded default corpus.
 
 Documents:
-- `.jsonl` (and `.jsonl.gz`): one JSON object per line; the document is its `text` field (configurable).
-- anything else (and its `.gz`): the whole file is one document.
+- `.jsonl` (and `.jsonl.gz`, `.jsonl.zst`): one JSON object per line; the document is its `text` field
+  (configurable). Compressed files are streamed line by line.
+- `.parquet`: one document per row, the `text` column (configurable), read a row group at a time (bounded
+  memory; large files split into work items by row groups). Null or empty values count as empty documents.
+- anything else (and its `.gz` / `.zst`): the whole file is one document.
 Files are decoded as UTF-8 with replacement (counted); a plain-text file holding NUL bytes is binary and
 skipped (counted); a document that is empty or only whitespace is skipped (counted).
 """
@@ -15,10 +18,10 @@ from __future__ import annotations
 import dataclasses
 import glob
 import gzip
+import io
 import json
 import os
 import sysconfig
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +62,8 @@ class CorpusStats:
 
 @dataclass(frozen=True)
 class Segment:
-    """Bytes [start, end) of one file; `end=None` means the whole file (always so for `.gz`)."""
+    """Bytes [start, end) of one file; `end=None` means the whole file (always so for `.gz` and `.zst`). For a
+    `.parquet` file, row groups [start, end)."""
 
     path: str
     start: int = 0
@@ -122,11 +126,52 @@ def resolve_inputs(paths: list[str]) -> list[Path]:
 
 def is_jsonl(path: str | Path) -> bool:
     name = str(path).lower()
-    return name.endswith(".jsonl") or name.endswith(".jsonl.gz")
+    return name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst"))
 
 
 def is_gzip(path: str | Path) -> bool:
     return str(path).lower().endswith(".gz")
+
+
+def is_zstd(path: str | Path) -> bool:
+    return str(path).lower().endswith(".zst")
+
+
+def is_parquet(path: str | Path) -> bool:
+    return str(path).lower().endswith(".parquet")
+
+
+def is_compressed(path: str | Path) -> bool:
+    return is_gzip(path) or is_zstd(path)
+
+
+def _optional(module: str, suffix: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        package = {"pyarrow.parquet": "pyarrow"}.get(module, module)
+        raise CorpusError(f"reading {suffix} files needs {package}: pip install {package}") from None
+
+
+def _parquet_file(path: str | Path):
+    pq = _optional("pyarrow.parquet", ".parquet")
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise CorpusError(f"cannot read {path} as Parquet: {e}; the file is truncated or corrupt, replace it") from None
+
+
+def _parquet_groups(path: Path, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    """Row-group ranges of about chunk_bytes (uncompressed) each."""
+    meta = _parquet_file(path).metadata
+    start, size = 0, 0
+    for i in range(meta.num_row_groups):
+        size += meta.row_group(i).total_byte_size
+        if size >= chunk_bytes:
+            yield start, i + 1
+            start, size = i + 1, 0
+    if start < meta.num_row_groups or meta.num_row_groups == 0:
+        yield start, meta.num_row_groups
 
 
 def plan_segments(files: list[Path], chunk_bytes: int = 1 << 20) -> list[list[Segment]]:
@@ -144,7 +189,11 @@ def plan_segments(files: list[Path], chunk_bytes: int = 1 << 20) -> list[list[Se
 
     for f in files:
         size = f.stat().st_size
-        if is_jsonl(f) and not is_gzip(f) and size > chunk_bytes:
+        if is_parquet(f):
+            flush()
+            items.extend([Segment(str(f), a, b)] for a, b in _parquet_groups(f, chunk_bytes))
+            continue
+        if is_jsonl(f) and not is_compressed(f) and size > chunk_bytes:
             flush()
             for start, end in _line_ranges(f, size, chunk_bytes):
                 items.append([Segment(str(f), start, end)])
@@ -169,23 +218,74 @@ def _line_ranges(path: Path, size: int, chunk_bytes: int) -> Iterator[tuple[int,
 
 
 def segment_size(seg: Segment) -> int:
+    if is_parquet(seg.path):
+        meta = _parquet_file(seg.path).metadata
+        return sum(meta.row_group(i).total_byte_size for i in range(seg.start, seg.end))
     if seg.end is None:
         return os.path.getsize(seg.path)
     return seg.end - seg.start
 
 
+def _unreadable(seg: Segment, e: Exception) -> CorpusError:
+    return CorpusError(f"cannot read {seg.path}: {e}; the file is truncated or corrupt, replace or remove it")
+
+
+def _zstd_chunks(path: str, size: int = 1 << 20) -> Iterator[bytes]:
+    """The decompressed content of a `.zst` file, frame after frame; an error if the last frame is cut short
+    (a stream reader would end quietly at the truncation)."""
+    zstandard = _optional("zstandard", ".zst")
+    with open(path, "rb") as fh:
+        dobj, pending = zstandard.ZstdDecompressor().decompressobj(), b""
+        while chunk := pending or fh.read(size):
+            pending = b""
+            yield dobj.decompress(chunk)
+            if dobj.eof:  # a frame ended: the rest starts the next one
+                pending, dobj = dobj.unused_data, zstandard.ZstdDecompressor().decompressobj()
+                if not pending and not (pending := fh.read(size)):
+                    return
+        if not dobj.eof:
+            raise EOFError("the zstd stream ends inside a frame")
+
+
+def _chunks(path: str) -> Iterator[bytes]:
+    """The decompressed content of a `.gz` or `.zst` file, in pieces."""
+    if is_zstd(path):
+        yield from _zstd_chunks(path)
+        return
+    with gzip.open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            yield chunk
+
+
 def _read_bytes(seg: Segment) -> bytes:
     try:
-        if is_gzip(seg.path):
-            with gzip.open(seg.path, "rb") as fh:
-                return fh.read()
+        if is_compressed(seg.path):
+            return b"".join(_chunks(seg.path))
         with open(seg.path, "rb") as fh:
             fh.seek(seg.start)
             return fh.read() if seg.end is None else fh.read(seg.end - seg.start)
-    except (EOFError, OSError, zlib.error) as e:
-        raise CorpusError(
-            f"cannot read {seg.path}: {e}; the file is truncated or corrupt, replace or remove it"
-        ) from None
+    except CorpusError:
+        raise
+    except Exception as e:  # noqa: BLE001 - EOFError, OSError, zlib.error, zstandard.ZstdError
+        raise _unreadable(seg, e) from None
+
+
+def _lines(seg: Segment) -> Iterator[bytes]:
+    """The lines of a JSONL segment; compressed files streamed, never whole in memory."""
+    if not is_compressed(seg.path):
+        yield from io.BytesIO(_read_bytes(seg))
+        return
+    try:
+        rest = b""
+        for chunk in _chunks(seg.path):
+            *lines, rest = (rest + chunk).split(b"\n")
+            yield from (line + b"\n" for line in lines)
+        if rest:
+            yield rest
+    except CorpusError:
+        raise
+    except Exception as e:  # noqa: BLE001 - as _read_bytes
+        raise _unreadable(seg, e) from None
 
 
 def _decode(raw: bytes, stats: CorpusStats) -> str:
@@ -197,7 +297,7 @@ def _decode(raw: bytes, stats: CorpusStats) -> str:
 
 
 def _line_number(seg: Segment, offset_in_segment: int) -> int:
-    if is_gzip(seg.path):
+    if is_compressed(seg.path):
         return -1
     with open(seg.path, "rb") as fh:
         return fh.read(seg.start + offset_in_segment).count(b"\n") + 1
@@ -205,18 +305,23 @@ def _line_number(seg: Segment, offset_in_segment: int) -> int:
 
 def read_segment(seg: Segment, opts: ReadOptions, stats: CorpusStats) -> Iterator[str]:
     """Yield the non-empty documents of one segment, updating `stats`."""
-    raw = _read_bytes(seg)
-    stats.bytes += len(raw)
     if seg.start == 0:
         stats.files += 1
+    if is_parquet(seg.path):
+        yield from _read_parquet(seg, opts, stats)
+        return
     if not is_jsonl(seg.path):
+        raw = _read_bytes(seg)
+        stats.bytes += len(raw)
         if b"\x00" in raw:
             stats.binary_skipped += 1
             return
         yield from _keep(_decode(raw, stats), stats)
         return
     offset = 0
-    for line in raw.split(b"\n"):
+    for line in _lines(seg):
+        stats.bytes += len(line)
+        line = line.rstrip(b"\n")
         line_start, offset = offset, offset + len(line) + 1
         if not line.strip():
             continue
@@ -244,6 +349,30 @@ def read_segment(seg: Segment, opts: ReadOptions, stats: CorpusStats) -> Iterato
             stats.invalid_utf8 += 1
             text = text.encode("utf-8", errors="replace").decode("utf-8")
         yield from _keep(text, stats)
+
+
+def _read_parquet(seg: Segment, opts: ReadOptions, stats: CorpusStats) -> Iterator[str]:
+    """The text column of row groups [seg.start, seg.end), one batch of rows in memory at a time."""
+    pf = _parquet_file(seg.path)
+    names = pf.schema_arrow.names
+    if opts.text_field not in names:
+        raise CorpusError(
+            f"{seg.path} has no column {opts.text_field!r} (columns: {', '.join(names)}); set --text-field"
+        )
+    kind = pf.schema_arrow.field(opts.text_field).type
+    if str(kind) not in ("string", "large_string", "string_view"):
+        raise CorpusError(f"{seg.path}: column {opts.text_field!r} holds {kind}, not text; set --text-field")
+    try:
+        batches = pf.iter_batches(batch_size=1024, row_groups=range(seg.start, seg.end), columns=[opts.text_field])
+        for batch in batches:
+            for text in batch.column(0).to_pylist():
+                text = text or ""
+                stats.bytes += len(text)
+                yield from _keep(text, stats)
+    except CorpusError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors for a damaged file
+        raise _unreadable(seg, e) from None
 
 
 def _is_encodable(text: str) -> bool:
