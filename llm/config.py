@@ -36,6 +36,7 @@ class ModelConfig:
     pos: str = "learned"  # learned | rope
     rope_theta: float = 10000.0
     mlp: str = "gelu"  # gelu | swiglu
+    gelu: str = "tanh"  # the GELU of mlp=gelu: tanh (GPT-2's approximation, the default) | exact (erf)
     mlp_hidden: int | None = None  # None: 4 * n_embd for gelu; Llama's 2/3 * 4 * n_embd rounded for swiglu
     mlp_multiple_of: int = 256  # swiglu hidden size rounding
     tie_embeddings: bool = True
@@ -244,6 +245,7 @@ RULES = {
     "model.pos": _one_of("learned", "rope"),
     "model.rope_theta": _positive,
     "model.mlp": _one_of("gelu", "swiglu"),
+    "model.gelu": _one_of("tanh", "exact"),
     "model.mlp_hidden": _optional(_at_least(1)),
     "model.mlp_multiple_of": _at_least(1),
     "model.tie_embeddings": _ok,

@@ -182,7 +182,7 @@ def hf_config(cfg: ModelConfig, tok: Tokenizer, dtype: str) -> dict:
             "n_head": cfg.n_head,
             "n_positions": cfg.max_seq_len,
             "n_inner": mlp_hidden(cfg),
-            "activation_function": "gelu_new",  # the tanh approximation, as our MLP computes it
+            "activation_function": "gelu_new" if cfg.gelu == "tanh" else "gelu",  # as our MLP computes it
             "layer_norm_epsilon": cfg.norm_eps,
             "resid_pdrop": 0.0,
             "embd_pdrop": 0.0,
@@ -221,7 +221,7 @@ def model_config_of(hf: dict) -> ModelConfig:
 
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
-        need(act in ("gelu_new", "gelu_pytorch_tanh"), f"activation_function={act!r}")
+        need(act in ("gelu_new", "gelu_pytorch_tanh", "gelu"), f"activation_function={act!r}")
         need(not hf.get("scale_attn_by_inverse_layer_idx"), "scale_attn_by_inverse_layer_idx=true")
         need(hf.get("scale_attn_weights", True), "scale_attn_weights=false")
         n_embd = hf.get("n_embd", 768)
@@ -235,6 +235,7 @@ def model_config_of(hf: dict) -> ModelConfig:
             norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             mlp_hidden=hf.get("n_inner") or 4 * n_embd,
             tie_embeddings=hf.get("tie_word_embeddings", True),
+            gelu="exact" if act == "gelu" else "tanh",
             **GPT2,
         )
     if kind == "llama":

@@ -95,6 +95,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = mlp_hidden(cfg)
         self.swiglu = cfg.mlp == "swiglu"
+        self.gelu = "tanh" if cfg.gelu == "tanh" else "none"  # F.gelu's name for the exact (erf) form
         self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias) if self.swiglu else None
         self.down = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
@@ -102,7 +103,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        h = F.silu(self.gate(x)) * self.up(x) if self.swiglu else F.gelu(self.up(x), approximate="tanh")
+        h = F.silu(self.gate(x)) * self.up(x) if self.swiglu else F.gelu(self.up(x), approximate=self.gelu)
         return self.dropout(self.down(h))
 
 

@@ -121,6 +121,7 @@ BAD_VALUES = {
     "model.pos": ("alibi", "model.pos: 'alibi' is not one of learned, rope"),
     "model.rope_theta": (float("inf"), "model.rope_theta: inf must be a positive number"),
     "model.mlp": ("relu", "model.mlp: 'relu' is not one of gelu, swiglu"),
+    "model.gelu": ("approx", "model.gelu: 'approx' is not one of tanh, exact"),
     "model.mlp_hidden": (0, "model.mlp_hidden: 0 must be at least 1"),
     "model.mlp_multiple_of": (0, "model.mlp_multiple_of: 0 must be at least 1"),
     "model.tie_embeddings": ("yes", "model.tie_embeddings: expected true or false, got 'yes'"),

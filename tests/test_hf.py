@@ -26,7 +26,14 @@ GPT2_TIED = ModelConfig(vocab_size=600, n_layer=2, n_head=4, n_embd=32, max_seq_
 GPT2_NO_BIAS = replace(GPT2_TIED, bias=False, tie_embeddings=False, mlp_hidden=48)
 LLAMA_GQA = replace(GPT2_TIED, norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, n_kv_head=2, tie_embeddings=False)
 LLAMA_BIAS_TIED = replace(LLAMA_GQA, bias=True, tie_embeddings=True, rope_theta=500.0, norm_eps=1e-6)
-MODELS = {"gpt2": GPT2_TIED, "gpt2-nobias-untied": GPT2_NO_BIAS, "llama-gqa": LLAMA_GQA, "llama-bias": LLAMA_BIAS_TIED}
+GPT2_EXACT_GELU = replace(GPT2_TIED, gelu="exact")
+MODELS = {
+    "gpt2": GPT2_TIED,
+    "gpt2-nobias-untied": GPT2_NO_BIAS,
+    "gpt2-exact-gelu": GPT2_EXACT_GELU,
+    "llama-gqa": LLAMA_GQA,
+    "llama-bias": LLAMA_BIAS_TIED,
+}
 # code, whitespace runs, tabs, CRLF, digits, non-ASCII (accents, CJK, Greek, emoji: byte fallback), and the
 # special tokens' spellings, which are plain text to both tokenizers
 SAMPLE = (

@@ -133,3 +133,13 @@ def test_generate_extends_the_prompt():
     g = torch.Generator().manual_seed(0)
     out = model.generate(torch.tensor([[5, 6]]), 10, generator=g)
     assert out.shape == (1, 12) and out[0, :2].tolist() == [5, 6] and int(out.max()) < 101
+
+
+def test_the_gelu_is_tanh_by_default_and_exact_on_request():
+    cfg = ModelConfig(vocab_size=100, n_layer=1, n_head=2, n_embd=16, max_seq_len=8)
+    x = torch.randn(3, 16)
+    for name, approximate in (("tanh", "tanh"), ("exact", "none")):
+        mlp = GPT(replace(cfg, gelu=name)).blocks[0].mlp
+        want = mlp.down(torch.nn.functional.gelu(mlp.up(x), approximate=approximate))
+        assert torch.equal(mlp(x), want), name
+    assert ModelConfig().gelu == "tanh"
