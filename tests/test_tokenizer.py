@@ -116,3 +116,35 @@ def test_corpus_error_surfaces_from_inside_training(tmp_path, corpus_dir):
     bad.write_text('{"text": "fine"}\nnot json\n')
     with pytest.raises(CorpusError, match="bad.jsonl:2: JSONL line is not valid JSON"):
         train_tokenizer([str(corpus_dir), str(bad)], tmp_path / "out", vocab_size=400)
+
+
+def test_a_char_tokenizer_at_full_coverage_is_exactly_the_alphabet(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox\njumps over the lazy dog\n\tTHE END: 42!\n" * 20)
+    alphabet = set(text.read_text()) - {"\n"}
+    tok = train_tokenizer([str(text)], tmp_path / "c", model_type="char", character_coverage=1.0)
+    assert tok.vocab_size == len(alphabet) + 1 + 4  # the characters, "\n" (a piece of its own), pad/unk/bos/eos
+    assert tok.meta["byte_fallback"] is False and tok.meta["options"]["requested_vocab_size"] is None
+    sample = "the lazy fox: 42\n\tEND"
+    assert tok.decode(tok.encode(sample)) == sample and len(tok.encode(sample)) == len(sample)
+    assert tok.encode("fox!?") == tok.encode("fox!") + [tok.unk_id]  # "?" is not in the training text
+    assert train_tokenizer([str(text)], tmp_path / "d", model_type="char", character_coverage=1.0,
+                           vocab_size=tok.vocab_size).vocab_size == tok.vocab_size  # fmt: skip
+    with pytest.raises(TokenizerError, match=rf"--vocab-size 20 is below this corpus's character vocabulary "
+                       rf"\({tok.vocab_size} ids.*leave --vocab-size out or raise it"):  # fmt: skip
+        train_tokenizer([str(text)], tmp_path / "e", model_type="char", character_coverage=1.0, vocab_size=20)
+    fallback = train_tokenizer([str(text)], tmp_path / "f", model_type="char")  # default coverage: byte fallback
+    assert fallback.meta["byte_fallback"] is True and fallback.decode(fallback.encode("fox!?")) == "fox!?"
+
+
+def test_the_preparation_counts_the_characters_a_char_vocabulary_lacks(tmp_path):
+    from llm.data.prepare import PrepareConfig, prepare
+
+    (tmp_path / "train.txt").write_text("abc abc\nabba cab\n" * 10)
+    tok = train_tokenizer([str(tmp_path / "train.txt")], tmp_path / "tok", model_type="char", character_coverage=1.0)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("abc x yz\n")  # x, then yz: a run of unknown characters is one unk
+    (tmp_path / "corpus" / "b.txt").write_text("cab\n")
+    cfg = PrepareConfig([str(tmp_path / "corpus")], str(tmp_path / "tok"), str(tmp_path / "out"), workers=1)
+    manifest = prepare(cfg, progress=False, verbose=False)
+    assert manifest["stats"]["unk_tokens"] == 2 and tok.vocab_size == 3 + 2 + 4  # a b c, space, "\n", specials

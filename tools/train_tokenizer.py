@@ -1,6 +1,7 @@
 """Train the SentencePiece tokenizer.
 
 python tools/train_tokenizer.py --input stdlib --vocab-size 8192 --model-type bpe --output data/tok
+python tools/train_tokenizer.py --input notes.txt --model-type char --character-coverage 1.0 --output data/chars
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from llm.data.tokenizer import MODEL_TYPES, TokenizerError, train_tokenizer
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="files, directories, globs, or 'stdlib'")
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument(
+        "--vocab-size", type=int, default=None, help="pieces (default 8192); for char only a check on the alphabet"
+    )
     p.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
     p.add_argument("--output", required=True, help="directory for tokenizer.model and tokenizer.json")
     p.add_argument("--text-field", default="text", help="the JSONL field holding the text")
@@ -30,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         help="lines SentencePiece samples for training; bounds memory whatever the corpus size",
     )
     p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument(
+        "--byte-fallback",
+        choices=("true", "false"),
+        default=None,
+        help="unknown characters as UTF-8 bytes (default: true, except char with --character-coverage 1.0)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     t0 = time.time()
@@ -44,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             input_sentence_size=args.input_sentence_size,
             character_coverage=args.character_coverage,
             seed=args.seed,
+            byte_fallback=None if args.byte_fallback is None else args.byte_fallback == "true",
         )
     except (CorpusError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)

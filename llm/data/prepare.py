@@ -176,11 +176,12 @@ def prepare(
     state = _load_state(out, fingerprint)
     bufs = {s: _SplitBuffer() for s in SPLITS}
     stats = CorpusStats()
-    dups = 0
+    dups = unk = 0
     items_done = 0
     seen: set[bytes] = set()
     if state is not None:
         items_done, dups, seen = state["items_done"], state["duplicates_dropped"], state["seen"]
+        unk = state.get("unk_tokens", 0)
         stats.add(CorpusStats(**state["stats"]))
         for s in SPLITS:
             bufs[s].shards = state["shards"][s]
@@ -212,6 +213,7 @@ def prepare(
                 "items_done": items_done,
                 "seen_count": len(seen),
                 "duplicates_dropped": dups,
+                "unk_tokens": unk,
                 "stats": stats.as_dict(),
                 "shards": {s: bufs[s].shards for s in SPLITS},
                 "pending_tokens": {s: bufs[s].pending_tokens for s in SPLITS},
@@ -234,7 +236,9 @@ def prepare(
             seen.add(digest)
             new_hashes.append(digest)
             split = "val" if _is_val(digest, cfg.val_fraction) else "train"
-            bufs[split].append(flat[starts[i] : starts[i + 1]])
+            doc = flat[starts[i] : starts[i + 1]]
+            unk += int(np.count_nonzero(doc == tok.unk_id))  # runs of characters a char vocabulary lacks
+            bufs[split].append(doc)
         items_done += 1
         tokens_total += flat.size
         bar.update(sum(segment_size(s) for s in item))
@@ -266,7 +270,7 @@ def prepare(
             }
             for s in SPLITS
         },
-        "stats": {**stats.as_dict(), "duplicates_dropped": dups},
+        "stats": {**stats.as_dict(), "duplicates_dropped": dups, "unk_tokens": unk},
         "fingerprint": fingerprint,
         "config": {k: v for k, v in asdict(cfg).items() if k != "workers"},
         "command": command or [],
@@ -280,7 +284,7 @@ def prepare(
         verbose,
         f"wrote {out}: train {manifest['splits']['train']['tokens']:,} tokens, "
         f"val {manifest['splits']['val']['tokens']:,} tokens ({dtype}); {stats.summary()}; "
-        f"{dups:,} duplicates dropped; {elapsed:.1f}s",
+        f"{dups:,} duplicates dropped; {unk:,} unknown-character tokens; {elapsed:.1f}s",
     )
     if cfg.val_fraction > 0 and manifest["splits"]["val"]["tokens"] == 0:
         _log(verbose, "warning: the val split is empty; raise --val-fraction or add documents")

@@ -96,6 +96,10 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self.sp.pad_id()
 
+    @property
+    def unk_id(self) -> int:
+        return self.sp.unk_id()
+
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
@@ -121,7 +125,7 @@ def _sentences(docs: Iterator[str]) -> Iterator[str]:
 def train_tokenizer(
     inputs: list[str],
     output: str | Path,
-    vocab_size: int = 8192,
+    vocab_size: int | None = None,
     model_type: str = "bpe",
     text_field: str = "text",
     skip_bad_lines: bool = False,
@@ -129,13 +133,27 @@ def train_tokenizer(
     character_coverage: float = 0.9995,
     seed: int = 0,
     num_threads: int | None = None,
+    byte_fallback: bool | None = None,
 ) -> Tokenizer:
-    """Train a SentencePiece model on `inputs` and write it (with its sidecar) to `output`."""
+    """Train a SentencePiece model on `inputs` and write it (with its sidecar) to `output`.
+
+    bpe / unigram: `vocab_size` pieces (default 8192). char: every character of the sampled lines that
+    `character_coverage` keeps, plus the special ids; `vocab_size` is then only a check (an error if the
+    alphabet needs more). Byte fallback (unknown characters become their UTF-8 bytes, so no text is
+    unrepresentable) is on, except for char at coverage 1.0 (or `byte_fallback=False`): a true character
+    vocabulary, where a character outside the training text maps to `unk` (counted by the shard preparation)."""
     if model_type not in MODEL_TYPES:
         raise TokenizerError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
-    min_vocab = 256 + len(SPECIAL_IDS) + 1  # bytes + specials + "\n"
-    if vocab_size <= min_vocab:
-        raise TokenizerError(f"vocab size {vocab_size} is too small: byte fallback alone needs more than {min_vocab}")
+    char = model_type == "char"
+    if byte_fallback is None:
+        byte_fallback = not (char and character_coverage >= 1.0)
+    requested = vocab_size
+    if vocab_size is None:
+        vocab_size = 8192
+    min_vocab = 256 + len(SPECIAL_IDS) + 1 if byte_fallback else len(SPECIAL_IDS) + 2  # bytes, specials, "\n"
+    if not char and vocab_size <= min_vocab:
+        what = "byte fallback alone needs" if byte_fallback else "the special ids and a character need"
+        raise TokenizerError(f"vocab size {vocab_size} is too small: {what} more than {min_vocab}")
     corpus = Corpus(inputs, ReadOptions(text_field, skip_bad_lines))
     stats = CorpusStats()
     counted = _count(_sentences(corpus.documents(stats)))
@@ -145,9 +163,10 @@ def train_tokenizer(
         spm.SentencePieceTrainer.train(
             sentence_iterator=counted,
             model_writer=writer,
-            vocab_size=vocab_size,
+            vocab_size=1 << 16 if char else vocab_size,  # char: the alphabet decides (hard_vocab_limit off)
+            hard_vocab_limit=not char,
             model_type=model_type,
-            byte_fallback=True,
+            byte_fallback=byte_fallback,
             split_digits=True,
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
@@ -174,11 +193,16 @@ def train_tokenizer(
     if stats.documents == 0:
         raise TokenizerError(f"the corpus has no documents ({stats.summary()}); check --input")
 
+    model_bytes = writer.getvalue()
+    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    if char and requested is not None and sp.vocab_size() > requested:
+        raise TokenizerError(
+            f"--vocab-size {requested} is below this corpus's character vocabulary ({sp.vocab_size()} ids with the "
+            "special ones): a char tokenizer keeps every character; leave --vocab-size out or raise it"
+        )
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    model_bytes = writer.getvalue()
     atomic_write(out / MODEL_FILE, model_bytes)
-    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
     meta = {
         "format": FORMAT,
         "model_file": MODEL_FILE,
@@ -186,9 +210,9 @@ def train_tokenizer(
         "vocab_size": sp.vocab_size(),
         "model_type": model_type,
         **SPECIAL_IDS,
-        "byte_fallback": True,
+        "byte_fallback": byte_fallback,
         "options": {
-            "requested_vocab_size": vocab_size,
+            "requested_vocab_size": requested,
             "input_sentence_size": input_sentence_size,
             "character_coverage": character_coverage,
             "seed": seed,
