@@ -239,3 +239,30 @@ def test_skipped_input_is_counted_in_the_manifest(tmp_path, tokenizer_dir):
 def test_bad_options(tmp_path, corpus_dir, tokenizer_dir, field, value, message):
     with pytest.raises(ValueError, match=message):
         run([corpus_dir], tokenizer_dir, tmp_path / "out", **{field: value})
+
+
+def test_the_manifest_records_which_documents_went_to_val(prepared_dir, corpus_dir):
+    m = read_manifest(prepared_dir)
+    val = (prepared_dir / m["val_documents"]["file"]).read_bytes()
+    docs = Corpus([str(corpus_dir)]).documents(CorpusStats())
+    digests = [hashlib.blake2b(d.encode(), digest_size=HASH_BYTES).digest() for d in docs]
+    want = [d for d in dict.fromkeys(digests) if _is_val(d, 0.1)]
+    assert val == b"".join(want) and m["val_documents"]["count"] == len(want) == m["splits"]["val"]["documents"]
+    share = m["splits"]["val"]["tokens"] / (m["splits"]["val"]["tokens"] + m["splits"]["train"]["tokens"])
+    assert m["val_documents"]["token_share"] == round(share, 6)
+
+
+def test_a_val_share_far_from_the_fraction_asked_is_warned_about(tmp_path, tokenizer_dir, capsys):
+    # two large documents, one of which the hash sends to val: about half the tokens for 10% asked
+    docs = [d * 30 for d in make_docs(40, seed=5)]
+    is_val = [_is_val(hashlib.blake2b(d.encode(), digest_size=HASH_BYTES).digest(), 0.1) for d in docs]
+    chosen = [docs[is_val.index(True)], *[d for d, v in zip(docs, is_val, strict=True) if not v][:1]]
+    corpus = tmp_path / "few"
+    corpus.mkdir()
+    for i, doc in enumerate(chosen):
+        (corpus / f"{i}.txt").write_text(doc)
+    cfg = PrepareConfig([str(corpus)], str(tokenizer_dir), str(tmp_path / "out"), val_fraction=0.1, workers=1)
+    m = prepare(cfg, progress=False, verbose=True)
+    share = m["val_documents"]["token_share"]
+    assert 0.2 < share < 0.8 and m["val_documents"]["count"] == 1
+    assert f"warning: val holds {100 * share:.1f}% of the tokens, --val-fraction asked 10%" in capsys.readouterr().err

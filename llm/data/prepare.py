@@ -46,6 +46,7 @@ from llm.data.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
 
 STATE_FILE = ".prepare_state.json"
 SEEN_FILE = ".prepare_seen.bin"
+VAL_FILE = "val_documents.bin"  # the val documents' digests (HASH_BYTES each), in corpus order
 HASH_BYTES = 16
 
 
@@ -253,6 +254,15 @@ def prepare(
         raise ShardError(f"the corpus has no documents ({stats.summary()}); check --input")
     checkpoint(flush_all=True)
     seen_fh.close()
+    digests = (out / SEEN_FILE).read_bytes()  # every kept document's, in corpus order
+    val = [
+        d
+        for d in (digests[i : i + HASH_BYTES] for i in range(0, len(digests), HASH_BYTES))
+        if _is_val(d, cfg.val_fraction)
+    ]
+    atomic_write(out / VAL_FILE, b"".join(val))
+    total_tokens = sum(e["tokens"] for s in SPLITS for e in bufs[s].shards)
+    val_share = sum(e["tokens"] for e in bufs["val"].shards) / max(1, total_tokens)
     manifest = {
         "format": FORMAT,
         "dtype": dtype,
@@ -271,6 +281,13 @@ def prepare(
             for s in SPLITS
         },
         "stats": {**stats.as_dict(), "duplicates_dropped": dups, "unk_tokens": unk},
+        "val_documents": {
+            "file": VAL_FILE,
+            "count": len(val),
+            "digest": f"blake2b, {HASH_BYTES} bytes, of each document's UTF-8 text; val iff its first 8 bytes "
+            "(little-endian) < val_fraction * 2^64",
+            "token_share": round(val_share, 6),
+        },
         "fingerprint": fingerprint,
         "config": {k: v for k, v in asdict(cfg).items() if k != "workers"},
         "command": command or [],
@@ -288,6 +305,13 @@ def prepare(
     )
     if cfg.val_fraction > 0 and manifest["splits"]["val"]["tokens"] == 0:
         _log(verbose, "warning: the val split is empty; raise --val-fraction or add documents")
+    elif cfg.val_fraction > 0 and not cfg.val_fraction / 2 <= val_share <= 2 * cfg.val_fraction:
+        _log(
+            verbose,
+            f"warning: val holds {100 * val_share:.1f}% of the tokens, --val-fraction asked "
+            f"{100 * cfg.val_fraction:g}%: documents go whole to one split, so a few large ones make the share "
+            "coarse; split large files into smaller documents or adjust --val-fraction",
+        )
     return manifest
 
 
@@ -324,7 +348,7 @@ def _load_state(out: Path, fingerprint: dict) -> dict | None:
 
 def _our_files(out: Path) -> list[Path]:
     """Files this module writes into an output directory (other files there are left alone)."""
-    pattern = re.compile(r"((train|val)_\d{5}\.bin|\.prepare_\w+\.(bin|json))(\.tmp)?")
+    pattern = re.compile(r"((train|val)_\d{5}\.bin|val_documents\.bin|\.prepare_\w+\.(bin|json))(\.tmp)?")
     return [p for p in out.iterdir() if pattern.fullmatch(p.name)]
 
 
