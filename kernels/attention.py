@@ -445,7 +445,18 @@ def _strides(q, k, v) -> list[int]:
 
 
 def _doc_arg(doc_ids, q):
-    return doc_ids.to(torch.int32).contiguous() if doc_ids is not None else q.new_empty(0, dtype=torch.int32)
+    return doc_ids.contiguous() if doc_ids is not None else q.new_empty(0, dtype=torch.int32)
+
+
+def _int32_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Document ids as int32 with the same equalities in each row. int32 and narrower pass as they are (what the
+    data pipeline yields); wider ids become their rank among the row's distinct values, in the same order
+    (exact whatever the values, without a host synchronisation), so that none collide when narrowed."""
+    if doc_ids.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool):
+        return doc_ids.to(torch.int32)
+    values, order = doc_ids.sort(dim=1, stable=True)
+    ranks = torch.cat([values.new_zeros(values.shape[0], 1), (values[:, 1:] != values[:, :-1]).long()], 1).cumsum(1)
+    return torch.empty_like(ranks).scatter_(1, order, ranks).to(torch.int32)
 
 
 def _ranges(doc_ids, causal: bool, outer: int, inner: int, keys_outer: bool, q):
@@ -580,6 +591,7 @@ def attention(q, k, v, causal=True, doc_ids=None, softmax_scale=None, impl="auto
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if choose("attention", impl, q, supports(q, k, v, doc_ids)) == "triton":
         contig = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
+        doc_ids = None if doc_ids is None else _int32_ids(doc_ids)
         o, _ = _attention_op(contig(q), contig(k), contig(v), doc_ids, bool(causal), float(scale))
         return o
     return attention_ref(q, k, v, causal, doc_ids, softmax_scale)

@@ -184,6 +184,26 @@ def test_unsorted_and_repeated_document_ids_match_the_reference(monkeypatch, arc
         compare_attention(q, k, v, do, causal, doc_ids, f" (causal={causal})")
 
 
+@pytest.mark.parametrize("blocks", [(64, 32), (32, 64), (128, 64)], ids=str)
+def test_unequal_block_sizes_split_the_loops_right_on_every_row(monkeypatch, blocks):
+    # BLOCK_M != BLOCK_N, T a multiple of neither: the causal and full loops' unmasked/masked split, every row's
+    # output and every gradient; with packed documents too (their ranges come from tile_ranges)
+    monkeypatch.setattr(sys.modules["kernels.attention"], "config", lambda *a, **k: (*blocks, 4, 1))
+    g = torch.Generator().manual_seed(sum(blocks))
+    q, k, v, do = (torch.randn(1, h, 231, 32, generator=g) for h in (2, 1, 1, 2))
+    for causal, docs in ((True, None), (False, None), (False, sorted_docs(1, 231, n_docs=4))):
+        compare_attention(q, k, v, do, causal, docs, f" (blocks={blocks}, causal={causal}, docs={docs is not None})")
+
+
+def test_document_ids_beyond_int32_do_not_collide():
+    # ids equal modulo 2^32 are different documents: narrowed naively they would share attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 2, 150, 32, generator=g) for _ in range(4))
+    ids = torch.tensor([[0] * 70 + [2**32] * 50 + [-(2**40)] * 30])  # int64; the last run's id is the smallest
+    compare_attention(q, k, v, do, True, ids)
+    compare_attention(q, k, v, do, False, ids)
+
+
 def test_attention_gradients_are_deterministic():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, 100, 64, generator=g) for h in (4, 1, 1))

@@ -49,7 +49,12 @@ def test_ranges_cover_every_visible_pair_and_run_unmasked_only_visible_tiles(cau
             assert (u0 % inner == 0 or u0 == e) and (u1 % inner == 0 or u1 == e), where
             seen = block.any(0).nonzero().flatten()
             assert a <= seen.min() and seen.max() < e, where  # every visible pair is visited
-            assert whole[:, u0:u1].all(), where  # the unmasked tiles hold only visible pairs
+            # the three loops as the kernels run them: tiles of `inner` from a, u0 and u1, up to u0, u1 and e
+            masked = [p for t in [*range(a, u0, inner), *range(u1, e, inner)] for p in range(t, t + inner)]
+            unmasked = [p for t in range(u0, u1, inner) for p in range(t, t + inner)]
+            visited = masked + unmasked
+            assert len(visited) == len(set(visited)) and set(seen.tolist()) <= set(visited), where  # once each
+            assert all(p < T for p in unmasked) and whole[:, unmasked].all(), where  # unmasked: visible only
             if exact:  # tight: from the tile of the first visible position to the last one; no masked tile
                 assert a == seen.min() // inner * inner and e == seen.max() + 1, where  # that could run unmasked
                 full = [t for t in range(a, e, inner) if t + inner <= T and whole[:, t : t + inner].all()]

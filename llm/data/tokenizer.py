@@ -113,10 +113,11 @@ class Tokenizer:
 
 
 def _sentences(docs: Iterator[str]) -> Iterator[str]:
-    """Training sentences: the non-blank lines of each document, long lines cut into pieces."""
+    """Training sentences: the non-empty lines of each document (whitespace-only ones too: a line holding only a
+    form feed or indentation is text a tokenizer must know), long lines cut into pieces."""
     for doc in docs:
         for line in doc.split("\n"):
-            if not line.strip():
+            if not line:
                 continue
             for i in range(0, len(line), MAX_SENTENCE_CHARS):
                 yield line[i : i + MAX_SENTENCE_CHARS]
