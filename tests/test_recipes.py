@@ -1,0 +1,36 @@
+"""The README's recipes run as written: each bash block is taken from the README itself, with the paths moved
+into a temporary directory and the step counts cut down."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LICENSES = Path("/usr/share/common-licenses")
+
+
+def readme_block(heading: str) -> str:
+    """The first ```bash block after `heading` in the README, with its line continuations joined."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text[text.index(heading) :], re.S).group(1)
+    return block.replace("\\\n", " ")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LICENSES.is_dir(), reason="needs /usr/share/common-licenses (Debian, Ubuntu)")
+def test_the_character_level_recipe(tmp_path):
+    script = readme_block("### Recipe: a character-level model on a text file")
+    script = script.replace(".venv/bin/python", sys.executable).replace("tools/", f"{ROOT}/tools/")
+    script = script.replace("train.max_steps=2000 train.eval_every=500", "train.max_steps=4 train.eval_every=2")
+    script += " logger=none\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = ["bash", "-euo", "pipefail", "-c", script]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "char vocab 90" in r.stdout and "0 unknown-character tokens" in r.stderr
+    metrics = (tmp_path / "runs" / "chars" / "metrics.jsonl").read_text()
+    assert '"step": 4, "val/loss"' in metrics
