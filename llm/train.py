@@ -54,8 +54,10 @@ BAD_INPUT = (
 __all__ = ["evaluate", "train", "main"]
 
 
-def all_max(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float32, device=device)
+def all_max(values: list, device) -> list[float]:
+    """The maximum over ranks of each value (tensors on the device or Python numbers), with one copy to the host:
+    the step's one synchronisation point."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device).reshape(()) for v in values])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
@@ -267,7 +269,7 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
                 engine.backward(loss)
                 if micro == loader.grad_accum - 1:  # decide the step together, before the optimizer runs
                     due = t.ckpt_every_minutes > 0 and time.time() - last_ckpt_time >= 60 * t.ckpt_every_minutes
-                    bad, stop_now, due = all_max([nonfinite.item(), stop.received is not None, due], device)
+                    bad, stop_now, due = all_max([nonfinite, stop.received is not None, due], device)
                     optimizer.skip_next = bad > 0
                     if cfg.deepspeed.stage == 0 and logs_now:
                         grad_norm = grad_norm_of(engine.module)  # DeepSpeed reports none without ZeRO
