@@ -150,11 +150,16 @@ if triton is not None:
         return ok
 
     @triton.jit
+    def _load_range(RANGES, b, pid, n_blocks):
+        """Block pid's [a, u0, u1, e) from the (B, n_blocks, 4) table tile_ranges wrote."""
+        base = RANGES + (b * n_blocks + pid) * 4
+        return tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3)
+
+    @triton.jit
     def _key_range(RANGES, b, pid_m, n_blocks, T, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, BLOCK_M, BLOCK_N):
         """[a, u0, u1, e) of the keys query block pid_m visits (see tile_ranges): masked, unmasked, masked."""
         if HAS_DOC:
-            base = RANGES + (b * n_blocks + pid_m) * 4
-            return tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3)
+            return _load_range(RANGES, b, pid_m, n_blocks)
         full = (pid_m + 1) * BLOCK_M <= T  # a block that crosses T masks every tile
         if CAUSAL:  # keys below the block's first row are seen by all its rows; the diagonal tiles are masked
             return (
@@ -169,8 +174,7 @@ if triton is not None:
     def _query_range(RANGES, b, pid_n, n_blocks, T, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, BLOCK_M, BLOCK_N):
         """[a, u0, u1, e) of the queries key block pid_n meets, as _key_range."""
         if HAS_DOC:
-            base = RANGES + (b * n_blocks + pid_n) * 4
-            return tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3)
+            return _load_range(RANGES, b, pid_n, n_blocks)
         full = (pid_n + 1) * BLOCK_N <= T  # a block that crosses T masks every tile
         if CAUSAL:  # earlier queries cannot see these keys; from the block's last key on, queries see them all
             last = (pid_n + 1) * BLOCK_N - 1

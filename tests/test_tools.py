@@ -193,6 +193,8 @@ def test_tune_attention_smoke(tmp_path):
     assert kinds == {(k, c, d) for k in ("fwd", "dkdv", "dq") for c, d in ((True, False), (True, True), (False, False))}
     assert {e["kind"] for e in result["shared"]} == {"fwd", "dkdv", "dq"} and all(r["ms"] > 0 for r in result["rows"])
     assert "CONFIGS['fwd']" in r.stdout
+    bad = tool("tune_attention.py", "--seq", 0)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --seq 0 must be at least 1"
 
 
 def test_gpu_check_runs_every_step_and_reports_each_failure(tmp_path):

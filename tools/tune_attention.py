@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=None, help="sequence length (default 4096; 64 with --smoke)")
     p.add_argument("--out", default=None, help="default tools/results/tune_attention_<gpu>.json")
     args = p.parse_args(argv)
+    if args.seq is not None and args.seq < 1:
+        print(f"error: --seq {args.seq} must be at least 1", file=sys.stderr)
+        return 2
     if not CUDA:
         if not args.smoke:
             print("error: no CUDA device; tuning needs a GPU (use --smoke on CPU)", file=sys.stderr)
