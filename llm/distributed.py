@@ -135,10 +135,19 @@ def resolve_precision(requested: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
+def loop_clips(cfg: Config) -> bool:
+    """Whether the training loop clips the gradients itself rather than DeepSpeed: without ZeRO in fp32, where
+    DeepSpeed would take a norm per parameter and all-reduce a total every rank already has (the gradients are
+    averaged by then); torch's clip_grad_norm_ gives the same result in one fused pass, and its norm is the
+    logged grad_norm. Under ZeRO or in 16-bit precision DeepSpeed's optimizer wrapper clips."""
+    return cfg.deepspeed.stage == 0 and resolve_precision(cfg.deepspeed.precision) == "fp32" and cfg.optim.grad_clip > 0
+
+
 def deepspeed_config(cfg: Config, world_size: int, n_params: int | None = None) -> dict:
     """The DeepSpeed JSON, generated from the schema (saved as <run_dir>/deepspeed.json). Given the model's
     parameter count, the communication buckets are capped at it: a bucket larger than the whole model holds
-    nothing more, but ZeRO-1/2 allocate it in full at every step (2 GB at the default 5e8 elements)."""
+    nothing more, but ZeRO-1/2 allocate it in full at every step (2 GB at the default 5e8 elements). Gradient
+    clipping is 0 there when the loop clips (`loop_clips`)."""
     t, d = cfg.train, cfg.deepspeed
     precision = resolve_precision(d.precision)
     zero: dict = {"stage": d.stage}
@@ -157,7 +166,7 @@ def deepspeed_config(cfg: Config, world_size: int, n_params: int | None = None) 
         "train_batch_size": t.global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.global_batch // (t.micro_batch * world_size),
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": 0.0 if loop_clips(cfg) else cfg.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},

@@ -58,13 +58,20 @@ def all_max(values: list, device) -> list[float]:
     """The maximum over ranks of each value (tensors on the device or Python numbers), with one copy to the host:
     the step's one synchronisation point."""
     t = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device).reshape(()) for v in values])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
 
-def grad_norm_of(model: torch.nn.Module) -> float:
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return torch.stack(norms).norm().item() if norms else 0.0
+def grad_norm_of(model: torch.nn.Module, clip: float = 0.0) -> torch.Tensor:
+    """The norm of all gradients, as a tensor on the device; with `clip` > 0 the gradients are also scaled to
+    at most that norm (torch's clip_grad_norm_: one fused pass)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params]))
 
 
 def sample_text(model: GPT, tok: Tokenizer, n_tokens: int, seed: int, device, prompt: str = "def ") -> str:
@@ -167,6 +174,9 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
 
     where["phase"] = "engine start-up"
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if env.world_size == 1 and cfg.deepspeed.stage == 0:
+        engine.enable_backward_allreduce = False  # one rank: averaging its gradients with nobody is a copy
+    clip_here = D.loop_clips(cfg)
     if task.lora:
         exclude_tied_frozen_parameters(engine)
     seed_everything(t.seed + 1000 * env.rank)  # per-rank randomness (dropout) from here on
@@ -271,8 +281,8 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
                     due = t.ckpt_every_minutes > 0 and time.time() - last_ckpt_time >= 60 * t.ckpt_every_minutes
                     bad, stop_now, due = all_max([nonfinite, stop.received is not None, due], device)
                     optimizer.skip_next = bad > 0
-                    if cfg.deepspeed.stage == 0 and logs_now:
-                        grad_norm = grad_norm_of(engine.module)  # DeepSpeed reports none without ZeRO
+                    if clip_here or (cfg.deepspeed.stage == 0 and logs_now):  # DeepSpeed reports none without ZeRO
+                        grad_norm = grad_norm_of(engine.module, cfg.optim.grad_clip if clip_here else 0.0)
                 engine.step()
             optimizer.skip_next = False
             done = step + 1

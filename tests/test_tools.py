@@ -66,6 +66,8 @@ def test_train_tokenizer_then_prepare_then_verify(tmp_path, corpus_dir):
             ["--input", "stdlib", "--tokenizer", "/nonexistent/t", "--output", "o"],
             "tokenizer file missing",
         ),
+        ("bench_train.py", ["--sizes", "12by64"], "--sizes takes BATCHxSEQ items like 12x64"),
+        ("bench_train.py", ["--repeats", "0"], "--repeats must be >= 1"),
     ],
 )
 def test_bad_input_gives_one_error_line(name, args, message):
@@ -101,6 +103,8 @@ def test_bench_train_smoke(tmp_path, prepared_dir, tokenizer_dir):
     r = tool(
         "bench_train.py",
         "--smoke",
+        "--sizes",
+        "2x32",
         "--out",
         out,
         f"data.paths=[{prepared_dir}]",
@@ -108,10 +112,14 @@ def test_bench_train_smoke(tmp_path, prepared_dir, tokenizer_dir):
         "data.prepare_if_missing=false",
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    result = json.loads(out.read_text())
-    assert result["ours_step_s"] > 0 and result["plain_step_s"] > 0 and result["ratio_ours_over_plain"] > 0
-    assert result["ours_mfu"] > 0 and result["peak_source"].startswith("measured")
-    assert "ratio ours/plain" in r.stdout
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["ours_step_s"] > 0 and run["plain_step_s"] > 0 and run["ratio_ours_over_plain"] > 0
+    assert run["ours_mfu"] > 0 and run["peak_source"].startswith("measured")
+    split = run["ours_split_ms"]
+    assert {"data", "forward", "backward", "decision", "optimizer", "deepspeed step", "other"} <= set(split)
+    assert all(v > 0 for k, v in split.items() if k not in ("other", "logging"))
+    assert set(run["plain_split_ms"]) == {"forward+backward", "clip", "optimizer"}
+    assert "ratio ours/plain" in r.stdout and "ours step, split (ms)" in r.stdout
 
 
 @pytest.mark.slow

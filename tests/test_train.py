@@ -67,6 +67,25 @@ def test_resume_is_exact(cfg_factory, stage):
     assert records(whole["run_dir"], "train/lr") == records(second["run_dir"], "train/lr")
 
 
+def test_the_loop_clips_like_deepspeed(cfg_factory):
+    # ZeRO-0 in fp32 clips in the loop (torch's clip_grad_norm_), ZeRO-2 inside DeepSpeed's optimizer: with a clip
+    # that acts at every step, the same pre-clip norms and losses; a clip of 1e-12 leaves AdamW almost no
+    # gradient against its eps, so the loss stays where it started, which it would not were the clip ignored.
+    def run(name, stage, clip):
+        cfg = cfg_factory(name, deepspeed={"stage": stage}, optim={"grad_clip": clip}, train={"eval_every": 0})
+        out = train(cfg)
+        return out, records(out["run_dir"]), records(out["run_dir"], "train/grad_norm")
+
+    out0, loss0, norm0 = run("z0", 0, 0.05)
+    _, loss2, norm2 = run("z2", 2, 0.05)
+    assert json.loads((Path(out0["run_dir"]) / "deepspeed.json").read_text())["gradient_clipping"] == 0.0
+    assert min(norm0.values()) > 0.05  # the clip acted at every step
+    assert norm0 == pytest.approx(norm2, rel=1e-4) and loss0 == pytest.approx(loss2, rel=1e-5)
+    _, frozen, _ = run("tiny-clip", 0, 1e-12)
+    _, free, _ = run("no-clip", 0, 0.0)
+    assert abs(frozen[8] - frozen[1]) < 0.01 < free[1] - free[8]
+
+
 def test_zero3_counts_every_parameter_for_mfu(cfg_factory):
     # n_embd 160: the MLP's 102,400-value matrices are above ZeRO-3's persistence threshold (1e5), so DeepSpeed
     # partitions them and leaves empty tensors behind on the module
