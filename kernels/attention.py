@@ -53,6 +53,34 @@ def attention_mask(doc_ids: torch.Tensor | None, T: int, causal: bool, device) -
     return same_doc
 
 
+class _PerIds:
+    """What is derived from a document-id tensor (the dense mask, int32 ids, tile ranges), kept while that same
+    tensor comes back unchanged: every layer of a step attends with the step's ids, so each is computed once
+    per step rather than once per layer and kernel. Holds the last two tensors (the ids and their int32 form;
+    held, so their ids cannot be reused); an in-place change (the tensor's version) starts afresh. Not used
+    while compiling or for inference tensors (which have no version)."""
+
+    KEEP = 2
+
+    def __init__(self):
+        self.entries: list[tuple[torch.Tensor, int, dict]] = []  # (ids, version, derived), newest first
+
+    def get(self, ids: torch.Tensor, key: tuple, make):
+        if torch.compiler.is_compiling() or ids.is_inference():
+            return make()
+        entry = next((e for e in self.entries if e[0] is ids and e[1] == ids._version), None)
+        if entry is None:
+            entry = (ids, ids._version, {})
+        self.entries = [entry] + [e for e in self.entries if e is not entry][: self.KEEP - 1]
+        derived = entry[2]
+        if key not in derived:
+            derived[key] = make()
+        return derived[key]
+
+
+_per_ids = _PerIds()
+
+
 def attention_ref(q, k, v, causal=True, doc_ids=None, softmax_scale=None):
     """The reference: scaled dot-product attention, GQA by repeating K/V heads, masks as documented."""
     B, Hq, T, D = q.shape
@@ -61,7 +89,11 @@ def attention_ref(q, k, v, causal=True, doc_ids=None, softmax_scale=None):
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    mask = attention_mask(doc_ids, T, causal, q.device)
+    mask = (
+        None
+        if doc_ids is None
+        else _per_ids.get(doc_ids, ("mask", causal), lambda: attention_mask(doc_ids, T, causal, q.device))
+    )
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -466,7 +498,8 @@ def _int32_ids(doc_ids: torch.Tensor) -> torch.Tensor:
 def _ranges(doc_ids, causal: bool, outer: int, inner: int, keys_outer: bool, q):
     if doc_ids is None:
         return q.new_empty(0, dtype=torch.int32)
-    return tile_ranges(doc_ids, causal, outer, inner, keys_outer)
+    key = ("ranges", causal, outer, inner, keys_outer)
+    return _per_ids.get(doc_ids, key, lambda: tile_ranges(doc_ids, causal, outer, inner, keys_outer))
 
 
 def attention_fwd(q, k, v, doc_ids, causal: bool, scale: float):
@@ -595,7 +628,7 @@ def attention(q, k, v, causal=True, doc_ids=None, softmax_scale=None, impl="auto
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if choose("attention", impl, q, supports(q, k, v, doc_ids)) == "triton":
         contig = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
-        doc_ids = None if doc_ids is None else _int32_ids(doc_ids)
+        doc_ids = None if doc_ids is None else _per_ids.get(doc_ids, ("int32",), lambda: _int32_ids(doc_ids))
         o, _ = _attention_op(contig(q), contig(k), contig(v), doc_ids, bool(causal), float(scale))
         return o
     return attention_ref(q, k, v, causal, doc_ids, softmax_scale)

@@ -339,3 +339,47 @@ def test_attention_accepts_strided_inputs():
     assert_close(out, ref, torch.float32, "output")
     for name, x, r in zip(("dq", "dk", "dv"), xs, refs, strict=True):
         assert_close(x.grad, r.grad, torch.float32, name)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_what_the_document_ids_give_is_computed_once_per_step(monkeypatch, impl):
+    # a 3-layer model's forward and backward with the step's document ids: the dense mask (reference) once, the
+    # int32 ids once and the tile ranges once per distinct tiling (here 64 x 64 blocks: queries outer for the
+    # forward and dQ, keys outer for dK/dV), not once per layer and kernel; the same
+    # tensor changed in place, or a new one, is derived afresh (and the loss follows it)
+    from dataclasses import replace
+
+    from llm.config import ModelConfig
+    from llm.model import GPT
+
+    attn = sys.modules["kernels.attention"]  # the package's `attention` is the function
+    calls = {"mask": 0, "ranges": 0, "int32": 0}
+    for name, key in (("attention_mask", "mask"), ("tile_ranges", "ranges"), ("_int32_ids", "int32")):
+        original = getattr(attn, name)
+
+        def counted(*args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(attn, name, counted)
+    cfg = ModelConfig(vocab_size=97, n_layer=3, n_head=2, n_embd=32, max_seq_len=64, kernels=impl)
+    torch.manual_seed(0)
+    model = GPT(replace(cfg))
+    x = torch.randint(4, 97, (2, 41))
+    docs = sorted_docs(2, 40).to(torch.int64)
+
+    def step():
+        loss = model(x[:, :-1], x[:, 1:], doc_ids=docs)
+        loss.backward()
+        return loss.item()
+
+    first = step()
+    expected = {"mask": 1, "ranges": 0, "int32": 0} if impl == "torch" else {"mask": 0, "ranges": 2, "int32": 1}
+    assert calls == expected
+    assert step() == first and calls == expected  # the same ids again: nothing derived anew
+    docs[:, 20:] += 5  # in place: a document boundary moves
+    changed = step()
+    assert calls == {k: 2 * v for k, v in expected.items()} and changed != first
+    docs = sorted_docs(2, 40, seed=1).to(torch.int64)
+    step()
+    assert calls == {k: 3 * v for k, v in expected.items()}
