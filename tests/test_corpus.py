@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import sysconfig
 
 import pytest
 
@@ -31,6 +32,10 @@ def test_stdlib_is_the_standard_library_source():
     assert {"os.py", "json", "__init__.py"} & names >= {"os.py", "__init__.py"}
     assert len(files) > 500
     assert not any("site-packages" in f.parts for f in files)
+    relative = {f.relative_to(sysconfig.get_paths()["stdlib"]).as_posix() for f in files}
+    assert "os.py" in relative and "json/__init__.py" in relative and "encodings/utf_8.py" in relative
+    assert not {"html/entities.py", "encodings/cp437.py", "pydoc_data/topics.py"} & relative  # tables, generated
+    assert not any({"test", "tests", "idle_test"} & set(f.parts) for f in files)
     assert resolve_inputs(["stdlib"]) == sorted(f.resolve() for f in files)
 
 

@@ -133,8 +133,9 @@ def test_a_time_limit_shorter_than_the_run_requeues_at_each_limit_and_finishes_e
     cluster, submit, tmp_path, two_rank_reference
 ):
     # 10 steps of 4 s against a 1-minute limit, USR1 45 s ahead of it: Slurm checks limits every ~30 s, so the
-    # signal comes 15-45 s into an allocation and the run needs at least two of them
-    job = submit("limited", fault="slow=4", options=["--time=1", "--signal=B:USR1@45"])
+    # signal comes 15-45 s into an allocation and the run needs at least two of them. The steps are slow only in
+    # the first allocation (the later ones finish within one limit or two, instead of a step or two each)
+    job = submit("limited", fault="slow=4:first", options=["--time=1", "--signal=B:USR1@45"])
     info = cluster.wait(job, timeout=600)
     log, restarts = log_of(tmp_path, job), int(info["Restarts"])
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and restarts >= 1, log[-3000:]

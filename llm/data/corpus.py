@@ -1,7 +1,8 @@
 """Raw text corpora: which files an input names, how they split into work items, how documents are read.
 
 An input PATH is a file, a directory (walked recursively, hidden entries skipped), a glob, or the word
-`stdlib`: the Python standard library's `.py` files on this machine, the embedded default corpus.
+`stdlib`: the Python standard library's modules on this machine, the embedded default corpus (its `.py` files
+without the test suites, the generated files and the numeric tables: see `stdlib_files`).
 
 Documents:
 - `.jsonl` (and `.jsonl.gz`, `.jsonl.zst`): one JSON object per line; the document is its `text` field
@@ -21,6 +22,7 @@ import gzip
 import io
 import json
 import os
+import re
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -76,15 +78,31 @@ class ReadOptions:
     skip_bad_lines: bool = False
 
 
+STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+GENERATED = re.compile(r"generated|do not edit", re.IGNORECASE)
+MAX_DIGIT_SHARE = 0.08
+
+
+def is_library_code(path: Path) -> bool:
+    """Whether a standard-library `.py` file is written code: not generated (a 'generated' or 'do not edit'
+    note in its first 5 lines: codec tables, pydoc's topics, sysconfig data) and not a numeric table (over 8%
+    digits: html.entities, the code pages). Written modules stay under 5%."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if GENERATED.search("\n".join(text.splitlines()[:5])):
+        return False
+    return sum(c.isdigit() for c in text) <= MAX_DIGIT_SHARE * len(text)
+
+
 def stdlib_files() -> list[Path]:
-    """The `.py` files of this interpreter's standard library (site-packages excluded), sorted."""
+    """The modules of this interpreter's standard library, sorted: its `.py` files without site-packages, the
+    test suites (test/, tests/, idle_test/: mostly data, numbers and expected outputs) and the files that are
+    not written code (`is_library_code`). A model trained on the rest writes Python that reads as Python."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "__pycache__"}
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in skip]  # prune: site-packages can be huge
+        dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP_DIRS]  # prune: site-packages can be huge
         files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
-    files.sort()
+    files = sorted(f for f in files if is_library_code(f))
     if not files:
         raise CorpusError(f"no .py files under the standard library at {root}; pass a corpus with --input")
     return files
