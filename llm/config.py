@@ -62,6 +62,7 @@ class DataConfig:
     prepare_if_missing: bool = True  # build the tokenizer and shards from `corpus` when absent
     corpus: list[str] = field(default_factory=lambda: ["stdlib"])
     tokenizer_vocab_size: int = 8192
+    tokenizer_split_digits: bool = True  # every digit its own piece (tools/train_tokenizer.py --split-digits)
     val_fraction: float = 0.005
 
 
@@ -259,6 +260,7 @@ RULES = {
     "data.tokenizer": _non_empty,
     "data.seq_len": _at_least(1),
     "data.prepare_if_missing": _ok,
+    "data.tokenizer_split_digits": _ok,
     "data.corpus": _path_list,
     "data.tokenizer_vocab_size": _at_least(262),  # byte fallback alone takes 261 ids (256 bytes, specials, "\n")
     "data.val_fraction": _fraction(high_open=True),

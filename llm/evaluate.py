@@ -93,7 +93,7 @@ def evaluate(
     cfg, model, tok = load_model(checkpoint, device)
     if not isinstance(model, GPT):
         return classify(model, cfg, tok, data, seq_len, batch_size, checkpoint)
-    seq = seq_len or cfg.data.seq_len
+    seq = seq_len or min(cfg.data.seq_len, cfg.model.max_seq_len)  # an hf: model has no run: its context
     if seq > cfg.model.max_seq_len:
         raise ValueError(f"--seq-len {seq} is above the model's max_seq_len {cfg.model.max_seq_len}")
     results = {}
@@ -160,7 +160,12 @@ def main(argv: list[str] | None = None) -> None:
         help="a prepared dataset directory, or an SFT or classification JSONL file (repeat; default: the run's data)",
     )
     p.add_argument("--split", default="val", choices=["val", "train"])
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="window length (default: the run's data.seq_len; an hf: model's context, at most 256)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
     p.add_argument(

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,17 @@ def load(*overrides: str) -> Config:
         return to_config(compose("config", list(overrides)))
 
 
-def test_defaults_are_the_schema_defaults():
+def test_defaults_are_the_schema_defaults_and_the_demo_experiment():
     cfg = load()
-    assert cfg == Config()
+    base = Config()
+    assert cfg == replace(
+        base,
+        model=replace(base.model, max_seq_len=128),
+        data=replace(base.data, seq_len=128, tokenizer_vocab_size=2048, tokenizer_split_digits=False),
+        train=replace(
+            base.train, micro_batch=16, global_batch=16, max_steps=1000, eval_every=250, ckpt_every_steps=250
+        ),
+    )  # conf/experiment/demo.yaml: the demo's changes to the schema, nothing else
     assert cfg.model.name == "tiny" and cfg.deepspeed.stage == 0 and cfg.logger.wandb and cfg.logger.mode == "offline"
 
 
@@ -71,7 +80,7 @@ def test_deepspeed_json_is_generated_from_the_schema():
     [
         (["model.n_embd=130"], "model.n_embd: 130 is not divisible by model.n_head=4"),
         (["model.n_kv_head=3"], "model.n_head: 4 is not divisible by model.n_kv_head=3"),
-        (["data.seq_len=512"], "data.seq_len: 512 is above model.max_seq_len=256"),
+        (["data.seq_len=512"], "data.seq_len: 512 is above model.max_seq_len=128"),
         (["deepspeed.precision=fp16"], "deepspeed.precision: fp16 is not supported on CPU"),
         (["train.global_batch=12", "train.micro_batch=8"], "train.global_batch: 12 is not divisible"),
         (["deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer: needs deepspeed.stage 2 or 3"),
@@ -135,6 +144,7 @@ BAD_VALUES = {
     "data.tokenizer": ("", "data.tokenizer: must not be empty"),
     "data.seq_len": (0, "data.seq_len: 0 must be at least 1"),
     "data.prepare_if_missing": ("no", "data.prepare_if_missing: expected true or false, got 'no'"),
+    "data.tokenizer_split_digits": (1, "data.tokenizer_split_digits: expected true or false, got 1"),
     "data.corpus": ([""], "data.corpus: has an empty entry"),
     "data.tokenizer_vocab_size": (100, "data.tokenizer_vocab_size: 100 must be at least 262"),
     "data.val_fraction": (1.0, "data.val_fraction: 1.0 is not in [0, 1)"),

@@ -43,6 +43,19 @@ def test_the_loss_is_the_runs_val_loss_and_bytes_are_those_of_the_decoded_text(r
     assert everything["bits_per_byte"] == pytest.approx(bpb, rel=1e-12) and 0.5 < bpb < 20
 
 
+def test_an_exported_model_is_scored_over_its_own_context_by_default(run_dir, prepared_dir, tmp_path):
+    # an hf: export carries no data.seq_len: the windows default to the model's context (64 here), not the
+    # schema's 256, which the model could not take
+    from llm.evaluate import evaluate
+    from llm.hf import write_hf
+    from llm.weights import load_weights
+
+    cfg, weights, tok, _ = load_weights(run_dir["run_dir"])
+    write_hf(cfg.model, weights, tok, tmp_path / "hf")
+    out = evaluate(f"hf:{tmp_path / 'hf'}", [str(prepared_dir)], "val", None, 4, 8, "cpu")
+    assert out["seq_len"] == cfg.model.max_seq_len == 64 and out["data"][str(prepared_dir)]["windows"] == 8
+
+
 def evaluate_cli(run, out, nproc=1, *extra):
     launcher = [sys.executable]
     if nproc > 1:

@@ -49,6 +49,16 @@ def test_digits_are_split_and_newline_is_a_piece(tokenizer_dir):
     assert "\n" in pieces
 
 
+def test_numbers_merge_when_digits_are_not_split(tmp_path):
+    # the corpus repeats a few numbers: with split_digits off they become pieces of their own (the demo's
+    # tokenizer); the option is recorded in the sidecar and the text still round-trips
+    (tmp_path / "c.txt").write_text("".join(f"x = {n} + {n}\n" for n in (2024, 1000, 65535) for _ in range(200)))
+    merged = train_tokenizer([str(tmp_path / "c.txt")], tmp_path / "t", vocab_size=280, split_digits=False)
+    pieces = [merged.sp.id_to_piece(i) for i in merged.encode("x = 2024\n")]
+    assert any(len(p) > 1 and p.isdigit() for p in pieces), pieces
+    assert merged.meta["options"]["split_digits"] is False and merged.decode(merged.encode("y = 65535")) == "y = 65535"
+
+
 def test_special_ids_and_sidecar(tokenizer_dir):
     tok = Tokenizer.load(tokenizer_dir)
     assert (tok.pad_id, tok.sp.unk_id(), tok.bos_id, tok.eos_id) == (0, 1, 2, 3)

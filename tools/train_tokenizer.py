@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="unknown characters as UTF-8 bytes (default: true, except char with --character-coverage 1.0)",
     )
+    p.add_argument(
+        "--split-digits",
+        choices=("true", "false"),
+        default="true",
+        help="every digit its own piece (default true, as Llama's tokenizer); false lets numbers merge",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     t0 = time.time()
@@ -54,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             character_coverage=args.character_coverage,
             seed=args.seed,
             byte_fallback=None if args.byte_fallback is None else args.byte_fallback == "true",
+            split_digits=args.split_digits == "true",
         )
     except (CorpusError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)

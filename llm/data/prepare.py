@@ -364,7 +364,12 @@ def ensure_data(data_cfg, verbose: bool = True) -> None:
         return
     if not (Path(data_cfg.tokenizer) / MODEL_FILE).is_file():
         _log(verbose, f"training a tokenizer on {' '.join(data_cfg.corpus)} -> {data_cfg.tokenizer}")
-        train_tokenizer(data_cfg.corpus, data_cfg.tokenizer, vocab_size=data_cfg.tokenizer_vocab_size)
+        train_tokenizer(
+            data_cfg.corpus,
+            data_cfg.tokenizer,
+            vocab_size=data_cfg.tokenizer_vocab_size,
+            split_digits=data_cfg.tokenizer_split_digits,
+        )
     for path in data_cfg.paths:
         if not (Path(path) / MANIFEST).is_file():
             _log(verbose, f"preparing shards of {' '.join(data_cfg.corpus)} -> {path}")

@@ -135,6 +135,7 @@ def train_tokenizer(
     seed: int = 0,
     num_threads: int | None = None,
     byte_fallback: bool | None = None,
+    split_digits: bool = True,
 ) -> Tokenizer:
     """Train a SentencePiece model on `inputs` and write it (with its sidecar) to `output`.
 
@@ -142,7 +143,9 @@ def train_tokenizer(
     `character_coverage` keeps, plus the special ids; `vocab_size` is then only a check (an error if the
     alphabet needs more). Byte fallback (unknown characters become their UTF-8 bytes, so no text is
     unrepresentable) is on, except for char at coverage 1.0 (or `byte_fallback=False`): a true character
-    vocabulary, where a character outside the training text maps to `unk` (counted by the shard preparation)."""
+    vocabulary, where a character outside the training text maps to `unk` (counted by the shard preparation).
+    `split_digits` makes every digit its own piece (as Llama's tokenizer does: numbers stay comparable digit by
+    digit); off, numbers merge like any text (a small model then rarely gets stuck continuing a number)."""
     if model_type not in MODEL_TYPES:
         raise TokenizerError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
     char = model_type == "char"
@@ -168,7 +171,7 @@ def train_tokenizer(
             hard_vocab_limit=not char,
             model_type=model_type,
             byte_fallback=byte_fallback,
-            split_digits=True,
+            split_digits=split_digits,
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             add_dummy_prefix=False,
@@ -218,6 +221,7 @@ def train_tokenizer(
             "character_coverage": character_coverage,
             "seed": seed,
             "text_field": text_field,
+            "split_digits": split_digits,
         },
         "trained_on": {"inputs": list(inputs), "sentences": counted.n, **stats.as_dict()},
         "sentencepiece_version": spm.__version__,
