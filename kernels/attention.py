@@ -58,7 +58,9 @@ class _PerIds:
     tensor comes back unchanged: every layer of a step attends with the step's ids, so each is computed once
     per step rather than once per layer and kernel. Holds the last two tensors (the ids and their int32 form;
     held, so their ids cannot be reused); an in-place change (the tensor's version) starts afresh. Not used
-    while compiling or for inference tensors (which have no version)."""
+    while compiling, in inference mode, or for inference tensors (which have no version; what inference mode
+    derives could not be saved for a backward). A write that bypasses the version (through `.data` or a numpy
+    view) is not seen: the ids a step passes are never changed that way."""
 
     KEEP = 2
 
@@ -66,7 +68,7 @@ class _PerIds:
         self.entries: list[tuple[torch.Tensor, int, dict]] = []  # (ids, version, derived), newest first
 
     def get(self, ids: torch.Tensor, key: tuple, make):
-        if torch.compiler.is_compiling() or ids.is_inference():
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or ids.is_inference():
             return make()
         entry = next((e for e in self.entries if e[0] is ids and e[1] == ids._version), None)
         if entry is None:

@@ -93,7 +93,7 @@ def evaluate(
     cfg, model, tok = load_model(checkpoint, device)
     if not isinstance(model, GPT):
         return classify(model, cfg, tok, data, seq_len, batch_size, checkpoint)
-    seq = seq_len or min(cfg.data.seq_len, cfg.model.max_seq_len)  # an hf: model has no run: its context
+    seq = seq_len or (cfg.model.max_seq_len if str(checkpoint).startswith("hf:") else cfg.data.seq_len)
     if seq > cfg.model.max_seq_len:
         raise ValueError(f"--seq-len {seq} is above the model's max_seq_len {cfg.model.max_seq_len}")
     results = {}
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         "--seq-len",
         type=int,
         default=None,
-        help="window length (default: the run's data.seq_len; an hf: model's context, at most 256)",
+        help="window length (default: the run's data.seq_len; an hf: model's context)",
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")

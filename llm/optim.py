@@ -29,7 +29,21 @@ class SkippableAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         if self.skip_next:
             return None
+        self._keep_fused()
         return super().step(closure)
+
+    def _keep_fused(self) -> None:
+        """Loading a checkpoint replaces the groups' options with the saved ones (DeepSpeed's universal
+        checkpoints too): one saved by an unfused AdamW would turn the fused kernel off, and its step counts
+        are not the float32 device tensors the kernel takes. Restore both (a no-op once fused)."""
+        if all(group.get("fused") for group in self.param_groups):
+            return
+        for group in self.param_groups:
+            group["fused"], group["foreach"] = True, None
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "step" in state:
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> SkippableAdamW:

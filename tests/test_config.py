@@ -29,10 +29,13 @@ def test_defaults_are_the_schema_defaults_and_the_demo_experiment():
         base,
         model=replace(base.model, max_seq_len=128),
         data=replace(base.data, seq_len=128, tokenizer_vocab_size=2048, tokenizer_split_digits=False),
-        train=replace(
-            base.train, micro_batch=16, global_batch=16, max_steps=1000, eval_every=250, ckpt_every_steps=250
-        ),
-    )  # conf/experiment/demo.yaml: the demo's changes to the schema, nothing else
+        train=replace(base.train, max_steps=1000, eval_every=250, ckpt_every_steps=250),
+    )  # conf/model/tiny.yaml and conf/experiment/demo.yaml: the demo's changes to the schema, nothing else
+    validate(cfg, world_size=2, cuda=False)  # the demo as it is on two ranks
+    # another model at another length composes over the default experiment (nothing of the demo's to undo)
+    gpt2 = load("model=gpt2-124m", "data.seq_len=1024")
+    validate(gpt2, world_size=2, cuda=False)
+    assert gpt2.model.max_seq_len == 1024 and gpt2.data.seq_len == 1024
     assert cfg.model.name == "tiny" and cfg.deepspeed.stage == 0 and cfg.logger.wandb and cfg.logger.mode == "offline"
 
 

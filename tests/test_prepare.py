@@ -2,6 +2,7 @@
 
 import hashlib
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -266,3 +267,28 @@ def test_a_val_share_far_from_the_fraction_asked_is_warned_about(tmp_path, token
     share = m["val_documents"]["token_share"]
     assert 0.2 < share < 0.8 and m["val_documents"]["count"] == 1
     assert f"warning: val holds {100 * share:.1f}% of the tokens, --val-fraction asked 10%" in capsys.readouterr().err
+
+
+def test_a_tokenizer_built_for_other_options_is_refused_before_any_work(tmp_path, corpus_dir):
+    # the demo's data is built on first use; built earlier with another vocabulary (or digit rule) it would be
+    # used quietly: refused in one line naming both and the fix. A tokenizer of other inputs is the user's own.
+    from llm.config import DataConfig
+    from llm.data.prepare import ensure_data
+    from llm.data.tokenizer import TokenizerError
+
+    data = DataConfig(
+        paths=[str(tmp_path / "shards")],
+        tokenizer=str(tmp_path / "tok"),
+        corpus=[str(corpus_dir)],
+        tokenizer_vocab_size=400,
+        tokenizer_split_digits=True,
+        val_fraction=0.05,
+    )
+    ensure_data(data, verbose=False)
+    ensure_data(data, verbose=False)  # complete and consistent: left alone
+    for changed in ({"tokenizer_vocab_size": 420}, {"tokenizer_split_digits": False}):
+        with pytest.raises(TokenizerError) as e:
+            ensure_data(replace(data, **changed), verbose=False)
+        assert "with vocab size 400, split digits true, the config asks for" in str(e.value)
+        assert f"delete {data.tokenizer} and {data.paths[0]}" in str(e.value)
+    ensure_data(replace(data, corpus=[str(corpus_dir / "doc_0001.txt")], tokenizer_vocab_size=420), verbose=False)

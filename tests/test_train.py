@@ -1,6 +1,7 @@
 """The pretraining loop in-process (DeepSpeed on CPU, world size 1): learning, exact resume, checkpoints that
 survive crashes, signals, the non-finite-loss guard, W&B and metrics.jsonl."""
 
+import copy
 import json
 import os
 import signal
@@ -94,6 +95,29 @@ def test_zero3_counts_every_parameter_for_mfu(cfg_factory):
     model = GPT(replace(cfg.model, vocab_size=Tokenizer.load(cfg.data.tokenizer).vocab_size))
     assert out["params"] == model.num_params() > 400_000
     assert out["flops_per_token"] == model.flops_per_token(cfg.data.seq_len)
+
+
+def test_an_unfused_optimizer_state_loads_and_the_step_stays_fused():
+    # a checkpoint written by an unfused AdamW (before the fused kernel, or by DeepSpeed's universal format)
+    # brings its group options along: the next step restores the fused kernel and float32 step counts, and
+    # continues exactly where the unfused optimizer would
+    torch.manual_seed(0)
+    p, q = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.zeros(4, 3))
+    q.data.copy_(p.data)
+    old = torch.optim.AdamW([q], lr=0.1, foreach=False)
+    for _ in range(2):
+        q.grad = torch.randn(4, 3)
+        old.step()
+    ours = SkippableAdamW([p], lr=0.1, fused=True)
+    p.data.copy_(q.data)
+    ours.load_state_dict(copy.deepcopy(old.state_dict()))  # else the two share moment tensors
+    assert not ours.param_groups[0]["fused"]  # what loading did
+    p.grad = torch.ones(4, 3)
+    q.grad = torch.ones(4, 3)
+    ours.step()
+    old.step()
+    assert ours.param_groups[0]["fused"] is True and ours.state[p]["step"].dtype == torch.float32
+    assert torch.allclose(p, q, atol=1e-6)
 
 
 def test_lr_schedules():

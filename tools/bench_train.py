@@ -1,7 +1,7 @@
 """Benchmark a training step: ours (`llm.train`: DeepSpeed engine, data loader, checks, logging) against a minimal
 PyTorch loop.
 
-    python tools/bench_train.py                                   # the demo config (tiny model, 16 x 256, CPU)
+    python tools/bench_train.py                                   # the demo config (tiny model, 16 x 128, CPU)
     python tools/bench_train.py --sizes 12x64,16x256              # both sizes of the README table
     python tools/bench_train.py model=gpt2-124m data.seq_len=1024 train.micro_batch=16 train.global_batch=16
     python tools/bench_train.py --smoke                           # seconds, for CI

@@ -42,7 +42,7 @@ from llm.data.shards import (
     write_manifest,
     write_shard,
 )
-from llm.data.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
+from llm.data.tokenizer import MODEL_FILE, Tokenizer, TokenizerError, train_tokenizer
 
 STATE_FILE = ".prepare_state.json"
 SEEN_FILE = ".prepare_seen.bin"
@@ -357,12 +357,32 @@ def _log(enabled: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def check_built_tokenizer(data_cfg) -> None:
+    """A tokenizer this function built earlier from `data.corpus` (same inputs) must have been built with the
+    options the config asks for now: a run would otherwise quietly train on the old vocabulary."""
+    meta = Tokenizer.load(data_cfg.tokenizer).meta
+    if meta.get("trained_on", {}).get("inputs") != list(data_cfg.corpus):
+        return  # a tokenizer of other inputs: the user's own, taken as it is
+    options = meta.get("options", {})
+    built = (options.get("requested_vocab_size"), options.get("split_digits", True))  # digits were always split
+    wanted = (data_cfg.tokenizer_vocab_size, data_cfg.tokenizer_split_digits)
+    if built != wanted:
+        describe = lambda v: f"vocab size {v[0]}, split digits {'true' if v[1] else 'false'}"  # noqa: E731
+        raise TokenizerError(
+            f"{data_cfg.tokenizer} was built from {' '.join(data_cfg.corpus)} with {describe(built)}, the config asks "
+            f"for {describe(wanted)}; delete {data_cfg.tokenizer} and {' '.join(data_cfg.paths)} to rebuild them, "
+            f"or set data.tokenizer_vocab_size={built[0]} data.tokenizer_split_digits={str(built[1]).lower()}"
+        )
+
+
 def ensure_data(data_cfg, verbose: bool = True) -> None:
     """Build the tokenizer and the shards named by a DataConfig from its `corpus` when they are missing
     (the demo's first run). A complete dataset is left alone."""
     if not data_cfg.prepare_if_missing:
         return
-    if not (Path(data_cfg.tokenizer) / MODEL_FILE).is_file():
+    if (Path(data_cfg.tokenizer) / MODEL_FILE).is_file():
+        check_built_tokenizer(data_cfg)
+    else:
         _log(verbose, f"training a tokenizer on {' '.join(data_cfg.corpus)} -> {data_cfg.tokenizer}")
         train_tokenizer(
             data_cfg.corpus,
