@@ -8,10 +8,12 @@ and 128 (80 and 96 compile as 128), fp16 and fp32 at 128; the delta preprocess),
 (exit 1) when a configuration needs more shared memory than the target allows (compilation itself does not
 check that; launching would fail); when a 16-bit attention product is not on tensor cores: any `mma.sync` on
 sm_90, where every product must be `wgmma`, or none on sm_80/89; when an attention kernel has no asynchronous
-copy (cp.async / TMA: its main loops are not software-pipelined); when registers spill, except the few
-accepted in `accepted_spill` (fp32 attention; the norm backward at 64 KB rows). Prints, per configuration:
-shared memory, registers, spills, wgmma / mma.sync / async-copy instruction counts. Must run with
-TRITON_INTERPRET unset: interpreted kernels cannot be compiled.
+copy (cp.async / TMA: its main loops are not software-pipelined), or any loop of one that runs tensor-core
+products (16-bit; fp32 dots are FMAs) without an asynchronous copy in its body (`loops`: one unpipelined
+loop among pipelined ones); when registers spill, except the few accepted in `accepted_spill` (fp32
+attention; the norm backward at 64 KB rows). Prints, per configuration: shared memory, registers, spills,
+wgmma / mma.sync / async-copy instruction counts, and the pipelined loops among the loops with products.
+Must run with TRITON_INTERPRET unset: interpreted kernels cannot be compiled.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
@@ -129,7 +132,6 @@ def jobs(archs: list[int]) -> list[tuple]:
 def _ptxas_report(ptx: str, arch: int) -> tuple[int | None, int | None, bool]:
     """(registers per thread, spill bytes, wgmma serialized) from Triton's bundled ptxas -v; Nones if unavailable.
     Compilation metadata lacks these: they are known only once loaded on a device."""
-    import re
     import subprocess
     import tempfile
 
@@ -158,6 +160,32 @@ def _ptxas_report(ptx: str, arch: int) -> tuple[int | None, int | None, bool]:
     )
 
 
+ASYNC_COPY = ("cp.async.cg", "cp.async.ca", "cp.async.bulk")
+PRODUCT = ("wgmma.mma_async", "mma.sync")
+
+
+def loops(ptx: str) -> list[dict]:
+    """The loops of a PTX kernel: each backward branch (`bra $L__BB..` to a label above it) closes one, its body
+    the lines from the label to the branch (an outer loop's body holds its inner loops). Per loop: the lines,
+    the tensor-core products and the asynchronous global->shared copies in its body."""
+    lines, labels, out = ptx.splitlines(), {}, []
+    for i, line in enumerate(lines):
+        label = re.match(r"\s*(\$L__BB\d+_\d+):", line)
+        if label:
+            labels[label.group(1)] = i
+        branch = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if branch and labels.get(branch.group(1), i) < i:
+            body = "\n".join(lines[labels[branch.group(1)] : i + 1])
+            out.append(
+                {
+                    "lines": i - labels[branch.group(1)],
+                    "products": sum(body.count(k) for k in PRODUCT),
+                    "async_copies": sum(body.count(k) for k in ASYNC_COPY),
+                }
+            )
+    return out
+
+
 def compile_one(job: tuple) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -174,7 +202,9 @@ def compile_one(job: tuple) -> dict:
     wgmma, mma_sync = ptx.count("wgmma.mma_async"), ptx.count("mma.sync")
     tensor_cores = "wgmma" if wgmma else "mma" if mma_sync else None
     # asynchronous global->shared copies: what software pipelining is made of
-    async_copies = ptx.count("cp.async.cg") + ptx.count("cp.async.ca") + ptx.count("cp.async.bulk")
+    async_copies = sum(ptx.count(k) for k in ASYNC_COPY)
+    product_loops = [loop for loop in loops(ptx) if loop["products"]]
+    unpipelined = sum(1 for loop in product_loops if not loop["async_copies"])
     shared = kernel.metadata.shared
     problems = []
     if shared > SMEM_LIMIT[arch]:
@@ -187,6 +217,8 @@ def compile_one(job: tuple) -> dict:
             problems.append("no tensor-core (mma.sync) instruction in the PTX")
     if attention and not async_copies:
         problems.append("no asynchronous copy (cp.async / TMA): the main loops are not pipelined")
+    elif attention and unpipelined:
+        problems.append(f"{unpipelined} of {len(product_loops)} loops with products have no asynchronous copy")
     if spills and not accepted_spill(name, dtype, constexprs):
         problems.append(f"spills {spills} bytes of registers")
     return {
@@ -201,6 +233,8 @@ def compile_one(job: tuple) -> dict:
         "wgmma": wgmma,
         "mma_sync": mma_sync,
         "async_copies": async_copies,
+        "product_loops": len(product_loops),
+        "unpipelined_loops": unpipelined,
         "registers": registers,
         "spill_bytes": spills,
         "wgmma_serialized": serialized,
@@ -229,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{flag} sm_{r['arch']} {r['kernel']:<22} {r['dtype']:<5} {shape} warps={r['num_warps']} "
             f"smem={r['shared_bytes']} wgmma={r['wgmma']} mma={r['mma_sync']} async={r['async_copies']} "
+            f"pipelined loops={r['product_loops'] - r['unpipelined_loops']}/{r['product_loops']} "
             f"regs={r['registers']} spill={r['spill_bytes']}"
             f"{note} {'; '.join(r['problems'])}"
         )

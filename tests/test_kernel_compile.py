@@ -16,6 +16,32 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+PTX = """
+$L__BB0_1:
+    cp.async.cg.shared.global [%r1], [%rd1], 16;
+    wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1}, %rd2, %rd3;
+    @%p1 bra $L__BB0_1;
+$L__BB0_2:
+    ld.global.v4.b32 {%r2, %r3, %r4, %r5}, [%rd4];
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f2}, {%r2}, {%r3}, {%f2};
+    @%p2 bra.uni $L__BB0_2;
+    bra.uni $L__BB0_3;
+$L__BB0_3:
+    ret;
+"""
+
+
+def test_loops_are_found_and_an_unpipelined_one_is_told_apart():
+    # two loops (backward branches), the second loading with plain ld.global: its products wait on each load;
+    # a forward branch is no loop
+    from kernels.compile_check import loops
+
+    assert loops(PTX) == [
+        {"lines": 3, "products": 1, "async_copies": 1},
+        {"lines": 3, "products": 1, "async_copies": 0},
+    ]
+
+
 @pytest.mark.slow
 def test_every_kernel_compiles_for_sm90_sm80_and_sm89(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -45,7 +71,10 @@ def test_every_kernel_compiles_for_sm90_sm80_and_sm89(tmp_path):
         assert r["shared_bytes"] <= {90: 232448, 80: 166912, 89: 101376}[r["arch"]]
         if r["kernel"] in loops:
             assert r["async_copies"] > 0, r  # pipelined: tiles arrive by asynchronous copies, documents or not
-            if r["dtype"] != "fp32":
+            assert r["unpipelined_loops"] == 0, r
+            if r["dtype"] != "fp32":  # fp32 dots are FMAs (IEEE): no tensor-core products to find loops by
+                # every loop with products is pipelined: the masked and unmasked ranges (2 loops, 3 with documents)
+                assert r["product_loops"] >= (3 if r["constexprs"]["HAS_DOC"] else 2), r
                 if r["arch"] == 90:
                     assert r["wgmma"] > 0 and r["mma_sync"] == 0, r
                 else:
