@@ -15,9 +15,10 @@ from helpers import records
 
 import llm.train as train_mod
 from llm.checkpoint import MARKER, CheckpointError, Checkpoints
+from llm.config import OptimConfig
 from llm.data.tokenizer import Tokenizer
 from llm.model import GPT
-from llm.optim import SkippableAdamW, lr_at
+from llm.optim import SkippableAdamW, build_optimizer, lr_at
 from llm.train import train
 
 
@@ -97,6 +98,20 @@ def test_zero3_counts_every_parameter_for_mfu(cfg_factory):
     assert out["flops_per_token"] == model.flops_per_token(cfg.data.seq_len)
 
 
+def test_one_rank_without_zero_skips_the_gradient_all_reduce(cfg_factory, monkeypatch):
+    # averaging one rank's gradients is a copy of every gradient: skipped at ZeRO-0 (ZeRO-2 reduces in its own
+    # optimizer, which needs the call)
+    calls = []
+    original = DeepSpeedEngine.allreduce_gradients
+    monkeypatch.setattr(
+        DeepSpeedEngine, "allreduce_gradients", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    train(cfg_factory("z0", train={"max_steps": 2, "eval_every": 0}))
+    assert calls == []
+    train(cfg_factory("z2", deepspeed={"stage": 2}, train={"max_steps": 2, "eval_every": 0}))
+    assert len(calls) == 2 * 2  # every micro-batch's backward, 2 per step
+
+
 def test_an_unfused_optimizer_state_loads_and_the_step_stays_fused():
     # a checkpoint written by an unfused AdamW (before the fused kernel, or by DeepSpeed's universal format)
     # brings its group options along: the next step restores the fused kernel and float32 step counts, and
@@ -108,6 +123,7 @@ def test_an_unfused_optimizer_state_loads_and_the_step_stays_fused():
     for _ in range(2):
         q.grad = torch.randn(4, 3)
         old.step()
+    assert build_optimizer(torch.nn.Linear(3, 4), OptimConfig()).param_groups[0]["fused"] is True  # what runs use
     ours = SkippableAdamW([p], lr=0.1, fused=True)
     p.data.copy_(q.data)
     ours.load_state_dict(copy.deepcopy(old.state_dict()))  # else the two share moment tensors
