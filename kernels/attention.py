@@ -6,7 +6,9 @@ position (a token attends only to tokens with the same id); returns (B, Hq, T, D
 
 Forward (FlashAttention-2, Dao 2023): one program per (query block, batch x head), the longest causal rows
 first, streams key/value tiles, keeping a running max m and sum l of the base-2 exponentials (the scale is
-folded into log2(e)), and stores the output and the log-sum-exp (base 2) per row. Backward recomputes the
+folded into log2(e), and applied to each row's max and in the exponent, exp2(s * scale - m): one FMA per score,
+not a multiply and a subtract; so the scale must be positive), and stores the output and the log-sum-exp (base
+2) per row. Backward recomputes the
 probabilities from the LSE: a preprocess kernel delta = rowsum(dO * O); then one program per key block of each
 K/V head computes dK, dV, summing over the query heads that share it (grouped-query attention without atomics,
 so gradients are deterministic), with keys as the rows of every product (S^T = K Q^T: on Hopper all of them
@@ -19,7 +21,8 @@ those off the diagonal. With document ids the ranges come from `tile_ranges`: pa
 so a query block sees keys from its first query's document start to its last query, and only the tiles at
 document boundaries are masked. Ids that decrease along a row (unsorted or repeated documents) are still
 exact, through a fallback that masks every tile up to the causal bound. Accumulation is fp32; fp32 inputs use
-full-precision (not tf32) dots.
+full-precision (not tf32) dots. Offsets within a (T, D) matrix are int32, so T * D < 2**31 (a view whose rows
+are further apart is copied into (B, H, T, D) order first); batch and head offsets are int64.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import choose
+from kernels.dispatch import FP_FUSION, choose
 
 try:
     import triton
@@ -226,14 +229,14 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK_N)
             k = _load_rows(Kb, cols, stride_kt, T, offs_d, D)
             v = _load_rows(Vb, cols, stride_vt, T, offs_d, D)
-            s = _dot(q, tl.trans(k), IEEE) * qk_scale
+            s = _dot(q, tl.trans(k), IEEE)  # unscaled: the scale is applied in the max and the exponent's FMA
             if MASK:
                 k_doc = _doc(DOCb, cols, T, HAS_DOC)
                 ok = _visible(rows[:, None], cols[None, :], T, q_doc[:, None], k_doc[None, :], CAUSAL, HAS_DOC)
                 s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # max(s) * scale = max(s * scale): scale > 0
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing to attend to yet
-            p = tl.exp2(s - m_safe[:, None])
+            p = tl.exp2(s * qk_scale - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
@@ -264,7 +267,7 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         Kb = _head(K, b, h // GROUP, stride_kb, stride_kh)
         Vb = _head(V, b, h // GROUP, stride_vb, stride_vh)
-        DOCb = DOC + b * T
+        DOCb = DOC + b.to(tl.int64) * T
         q = _load_rows(_head(Q, b, h, stride_qb, stride_qh), rows, stride_qt, T, offs_d, D)
         q_doc = _doc(DOCb, rows, T, HAS_DOC)
         a, u0, u1, e = _key_range(RANGES, b, pid_m, n_blocks, T, CAUSAL, HAS_DOC, BLOCK_M, BLOCK_N)
@@ -345,7 +348,7 @@ if triton is not None:
         b, hk = pid_bh // HKV, pid_bh % HKV
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        DOCb = DOC + b * T
+        DOCb = DOC + b.to(tl.int64) * T
         k = _load_rows(_head(K, b, hk, stride_kb, stride_kh), cols, stride_kt, T, offs_d, D)
         v = _load_rows(_head(V, b, hk, stride_vb, stride_vh), cols, stride_vt, T, offs_d, D)
         k_doc = _doc(DOCb, cols, T, HAS_DOC)
@@ -406,7 +409,7 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         Kb = _head(K, b, h // GROUP, stride_kb, stride_kh)
         Vb = _head(V, b, h // GROUP, stride_vb, stride_vh)
-        DOCb = DOC + b * T
+        DOCb = DOC + b.to(tl.int64) * T
         q = _load_rows(_head(Q, b, h, stride_qb, stride_qh), rows, stride_qt, T, offs_d, D)
         do = _load_rows(DO + pid_bh.to(tl.int64) * T * D, rows, D, T, offs_d, D)
         lse = tl.load(LSE + pid_bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
@@ -514,7 +517,7 @@ def attention_fwd(q, k, v, doc_ids, causal: bool, scale: float):
         q, k, v, o, lse, _doc_arg(doc_ids, q), _ranges(doc_ids, causal, bm, bn, False, q), scale * LOG2E,
         *_strides(q, k, v), H, H // k.shape[1], T, D,
         CAUSAL=causal, HAS_DOC=doc_ids is not None, IEEE=q.dtype == torch.float32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(D), num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(D), num_warps=warps, num_stages=stages, **FP_FUSION,
     )  # fmt: skip
     return o, lse
 
@@ -526,7 +529,9 @@ def attention_bwd(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float):
     do = do.contiguous()
     delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)  # the preprocess: rowsum(dO * O)
     rows = INTERPRET_BLOCK if _arch(q) is None else 128
-    _attn_bwd_delta_kernel[(triton.cdiv(T, rows), B * H)](o, do, delta, T, D, BLOCK_M=rows, BLOCK_D=block_d(D))
+    _attn_bwd_delta_kernel[(triton.cdiv(T, rows), B * H)](
+        o, do, delta, T, D, BLOCK_M=rows, BLOCK_D=block_d(D), **FP_FUSION
+    )
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))  # contiguous
     doc, arch, common = (
         _doc_arg(doc_ids, q),
@@ -537,13 +542,13 @@ def attention_bwd(do, q, k, v, o, lse, doc_ids, causal: bool, scale: float):
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, bn), B * Hkv)](
         q, k, v, do, lse, delta, doc, _ranges(doc_ids, causal, bn, bm, True, q), dk, dv, scale * LOG2E, scale,
         *_strides(q, k, v), Hkv, H // Hkv, T, D,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common, **FP_FUSION,
     )  # fmt: skip
     bm, bn, warps, stages = config("dq", D, arch, q.dtype, causal, doc_ids is not None)
     _attn_bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, do, lse, delta, doc, _ranges(doc_ids, causal, bm, bn, False, q), dq, scale * LOG2E, scale,
         *_strides(q, k, v), H, H // Hkv, T, D,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common, **FP_FUSION,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -609,10 +614,22 @@ def supports(q, k, v, doc_ids=None) -> str | None:
         return f"head dim {q.shape[-1]} is above 128"
     if q.is_cuda and _arch(q) < 80:
         return f"compute capability {_arch(q)} is below 8.0"
+    T, D = q.shape[2], q.shape[3]
+    if T * D >= 2**31:
+        return f"T x D = {T} x {D} is beyond the kernels' int32 row offsets (T * D must stay below 2**31)"
     return None
 
 
-def _check(q, k, v, doc_ids):
+def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """t as the kernels read it: the head dimension contiguous and every row offset (time x stride) within
+    int32; a (B, H, T, D) view of wider rows, e.g. of a (B, T, H * D) activation at T * H * D >= 2**31, is
+    copied into (B, H, T, D) order (row stride D) rather than read through offsets that would wrap around."""
+    if t.stride(-1) == 1 and (t.shape[2] - 1) * t.stride(2) + t.shape[3] < 2**31:
+        return t
+    return t.contiguous()
+
+
+def _check(q, k, v, doc_ids, softmax_scale):
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(
             f"attention wants q (B, Hq, T, D) and k, v (B, Hkv, T, D); got {tuple(q.shape)}, "
@@ -623,14 +640,16 @@ def _check(q, k, v, doc_ids):
         raise ValueError(f"k/v shape {tuple(k.shape)} does not fit q {tuple(q.shape)} (needs Hq % Hkv == 0)")
     if doc_ids is not None and tuple(doc_ids.shape) != (B, T):
         raise ValueError(f"doc_ids must be (B, T) = {(B, T)}, got {tuple(doc_ids.shape)}")
+    if softmax_scale is not None and not softmax_scale > 0:  # the kernels take a row's max before scaling it
+        raise ValueError(f"softmax_scale must be positive, got {softmax_scale}")
 
 
 def attention(q, k, v, causal=True, doc_ids=None, softmax_scale=None, impl="auto"):
-    _check(q, k, v, doc_ids)
+    _check(q, k, v, doc_ids, softmax_scale)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if choose("attention", impl, q, supports(q, k, v, doc_ids)) == "triton":
-        contig = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
         doc_ids = None if doc_ids is None else _per_ids.get(doc_ids, ("int32",), lambda: _int32_ids(doc_ids))
-        o, _ = _attention_op(contig(q), contig(k), contig(v), doc_ids, bool(causal), float(scale))
+        q, k, v = (_kernel_layout(t) for t in (q, k, v))
+        o, _ = _attention_op(q, k, v, doc_ids, bool(causal), float(scale))
         return o
     return attention_ref(q, k, v, causal, doc_ids, softmax_scale)

@@ -9,6 +9,9 @@ import torch
 log = logging.getLogger("kernels")
 _logged: set[tuple[str, str]] = set()
 IMPLS = ("auto", "triton", "torch")
+# every launch asks for fused multiply-adds: Triton's default until 3.9, which warns that 3.10 turns them off
+# (the attention's exponent, s * scale - max, is then one FMA per score instead of a multiply and a subtract)
+FP_FUSION = {"enable_fp_fusion": True}
 
 
 def choose(op: str, impl: str, x: torch.Tensor, unsupported: str | None) -> str:

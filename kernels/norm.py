@@ -20,7 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import choose
+from kernels.dispatch import FP_FUSION, choose
 
 try:
     import triton
@@ -175,6 +175,7 @@ def norm_fwd(x, weight, bias, residual, eps: float, is_rms: bool):
         HAS_BIAS=bias is not None,
         BLOCK_N=block,
         num_warps=warps,
+        **FP_FUSION,
     )
     return y, h, mean, rstd
 
@@ -205,6 +206,7 @@ def norm_bwd(dy, dh_out, h, weight, has_bias: bool, mean, rstd, is_rms: bool):
         HAS_BIAS=has_bias,
         BLOCK_N=block,
         num_warps=warps,
+        **FP_FUSION,
     )
     return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype) if has_bias else None
 

@@ -39,7 +39,11 @@ def to_device(batch, device) -> dict[str, torch.Tensor]:
     """A batch (a pretraining Batch, or a dict of tensors) as the model's keyword arguments on `device`."""
     if not isinstance(batch, dict):
         batch = {"idx": batch.input_ids, "targets": batch.targets, "doc_ids": batch.doc_ids}
-    return {k: v.to(device) for k, v in batch.items()}
+    if torch.device(device).type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    # through pinned memory, without waiting: a plain copy from pageable memory waits for all the work queued on
+    # the GPU (the previous micro-batch's), and the host could not queue the next meanwhile
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()

@@ -57,7 +57,9 @@ __all__ = ["evaluate", "train", "main"]
 def all_max(values: list, device) -> list[float]:
     """The maximum over ranks of each value (tensors on the device or Python numbers), with one copy to the host:
     the step's one synchronisation point."""
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(device).reshape(()) for v in values])
+    # Python numbers are filled in on the device: copying one there would wait for all the queued work
+    on_device = (v if isinstance(v, torch.Tensor) else torch.full((), float(v), device=device) for v in values)
+    t = torch.stack([v.float().reshape(()) for v in on_device])
     if dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
@@ -151,6 +153,7 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
     D.on_rank0(prepare_on_rank0, (*BAD_INPUT, OSError))
     tok = task.setup()
     if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at its first use)
         torch.use_deterministic_algorithms(True)
     seed_everything(t.seed)  # the same initial weights on every rank
     model = task.build_model()

@@ -79,10 +79,14 @@ def test_every_kernel_compiles_for_sm90_sm80_and_sm89(tmp_path):
                     assert r["wgmma"] > 0 and r["mma_sync"] == 0, r
                 else:
                     assert r["mma_sync"] > 0, r
-        # the accepted spills: fp32 attention (checks, not training); the norm backward at 64 KB rows
+        # the accepted spills: fp32 attention (checks, not training); the norm backward at 64 KB rows; a few
+        # bytes in the sm_89 forward at head dim 32 (ptxas holds it to 128 registers)
         row_limit = {"bf16": 32768, "fp32": 16384}[r["dtype"]] if r["kernel"] == "_norm_bwd_kernel" else None
         largest = r["constexprs"].get("BLOCK_N") == row_limit
-        if not (r["kernel"] in loops and r["dtype"] == "fp32" or largest) and r["spill_bytes"] is not None:
+        small_fwd = (r["kernel"], r["arch"], r["constexprs"].get("BLOCK_D")) == ("_attn_fwd_kernel", 89, 32)
+        if small_fwd and r["spill_bytes"] is not None:
+            assert r["spill_bytes"] <= 16, r
+        elif not (r["kernel"] in loops and r["dtype"] == "fp32" or largest) and r["spill_bytes"] is not None:
             assert r["spill_bytes"] == 0, r
     assert {
         (r["constexprs"].get("BLOCK_D"), r["constexprs"].get("HAS_DOC")) for r in results if r["kernel"] in loops

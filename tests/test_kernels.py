@@ -341,6 +341,39 @@ def test_attention_accepts_strided_inputs():
         assert_close(x.grad, r.grad, torch.float32, name)
 
 
+def test_rows_whose_offsets_pass_int32_are_read_right():
+    # A (B, H, T, D) view whose time stride is 2**30 elements: row 2 starts at 2**31, past int32. The storage
+    # is 4 GB of address space, of which the test touches a few pages; the kernel gets a (B, H, T, D) copy.
+    base = torch.empty(2 * 2**30 + 64, dtype=torch.float16)
+    g = torch.Generator().manual_seed(5)
+    views = [base.as_strided((1, 1, 3, 16), (0, 0, 2**30, 1), offset) for offset in (0, 16, 32)]
+    for x in views:
+        x.copy_(torch.randn(1, 1, 3, 16, generator=g))
+    q, k, v = (x.requires_grad_() for x in views)
+    do = torch.randn(1, 1, 3, 16, generator=g).half()
+    out = attention(q, k, v, impl="triton")
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    refs = [x.detach().double().requires_grad_() for x in views]
+    ref = attention_ref(*refs)
+    ref_grads = torch.autograd.grad(ref, refs, do.double())
+    assert_close(out, ref, torch.float16, "output")
+    for name, grad, ref_grad in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        assert_close(grad, ref_grad, torch.float16, name)
+
+
+def test_sequences_beyond_the_int32_offsets_are_refused():
+    q = torch.empty(1, 1, 2**25, 64, device="meta")
+    with pytest.raises(ValueError, match=r"T x D = 33554432 x 64 is beyond the kernels' int32 row offsets"):
+        attention(q, q, q, impl="triton")
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch", "triton"])
+def test_a_scale_that_is_not_positive_is_refused(impl):
+    q = torch.randn(1, 2, 40, 16)
+    with pytest.raises(ValueError, match="softmax_scale must be positive, got -0.25"):
+        attention(q, q, q, softmax_scale=-0.25, impl=impl)
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_what_the_document_ids_give_is_computed_once_per_step(monkeypatch, impl):
     # a 3-layer model's forward and backward with the step's document ids: the dense mask (reference) once, the

@@ -1,11 +1,17 @@
 """The command-line tools as a user runs them: exit codes, one-line errors, outputs."""
 
+import importlib
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import layer_norm_ref, linear_cross_entropy_ref, rms_norm_ref
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -170,12 +176,48 @@ def test_bench_kernels_smoke(tmp_path):
     assert {"results.csv", "attention_d32.png", "norms.png"} <= {p.name for p in tmp_path.iterdir()}
 
 
-def test_tune_attention_picks_the_least_total_and_variants_only_when_clearly_faster():
+def tools_module(name: str):
     sys.path.insert(0, str(ROOT / "tools"))
     try:
-        from tune_attention import choose
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "tools"))
+
+
+def test_the_liger_baselines_compute_what_ours_do(monkeypatch):
+    # Liger-Kernel is GPU-only and no dependency: its functional API (the signatures of liger-kernel 0.8) stands
+    # in as PyTorch, so that what the wrappers pass and return is checked against our references
+    fake = types.ModuleType("liger_kernel.transformers.functional")
+    fake.liger_layer_norm = lambda X, W, B, eps: F.layer_norm(X, X.shape[-1:], W, B, eps)
+    fake.liger_rms_norm = lambda X, W, eps: rms_norm_ref(X, W, eps)
+    fake.liger_fused_add_rms_norm = lambda X, R, W, eps: (rms_norm_ref(X + R, W, eps), X + R)
+    fake.liger_fused_linear_cross_entropy = lambda input, weight, target, ignore_index=-100: F.cross_entropy(
+        input @ weight.T, target, ignore_index=ignore_index
+    )
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", fake)
+    liger = tools_module("_liger")
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(2, 6, 32, generator=g), torch.randn(2, 6, 32, generator=g)
+    w, b = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    for got, expected in (
+        (liger.layer_norm(x, w), layer_norm_ref(x, w)),
+        (liger.layer_norm(x, w, b, residual=r), layer_norm_ref(x, w, b, residual=r)),
+        (liger.rms_norm(x, w), rms_norm_ref(x, w)),
+        (liger.rms_norm(x, w, residual=r), rms_norm_ref(x, w, residual=r)),
+    ):
+        for a, e in zip(*((got, expected) if isinstance(got, tuple) else ((got,), (expected,))), strict=True):
+            torch.testing.assert_close(a, e)
+    h, head = torch.randn(12, 32, generator=g), torch.randn(40, 32, generator=g)  # 40 rows: 30 real, 10 padding
+    targets = torch.randint(0, 30, (12,), generator=g)
+    targets[:3] = -100
+    torch.testing.assert_close(
+        liger.linear_cross_entropy(h, head, targets, 30, -100), linear_cross_entropy_ref(h, head, targets, 30, -100)
+    )
+    assert liger.missing() in (None, "liger-kernel's kernels need a CUDA GPU")
+
+
+def test_tune_attention_picks_the_least_total_and_variants_only_when_clearly_faster():
+    choose = tools_module("tune_attention").choose
     a, b, c = (64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)
     ms = {  # (causal, docs) -> {config: ms}; c fails to launch with documents
         (True, False): {a: 10.0, b: 8.0, c: 7.9},
@@ -194,8 +236,10 @@ def test_tune_attention_picks_the_least_total_and_variants_only_when_clearly_fas
 
 @pytest.mark.slow
 def test_tune_attention_smoke(tmp_path):
-    r = tool("tune_attention.py", "--smoke", "--out", tmp_path / "tune.json")
+    r = tool("tune_attention.py", "--smoke", "--compile-jobs", 2, "--out", tmp_path / "tune.json")
     assert r.returncode == 0, r.stderr[-2000:]
+    # every candidate pass run once in the compiling processes before the timing
+    assert "compiled 18 candidate passes in 2 processes" in r.stdout and "(0 failed)" in r.stdout, r.stdout
     result = json.loads((tmp_path / "tune.json").read_text())
     kinds = {(row["kind"], row["causal"], row["docs"]) for row in result["rows"]}
     assert kinds == {(k, c, d) for k in ("fwd", "dkdv", "dq") for c, d in ((True, False), (True, True), (False, False))}
@@ -203,6 +247,8 @@ def test_tune_attention_smoke(tmp_path):
     assert "CONFIGS['fwd']" in r.stdout
     bad = tool("tune_attention.py", "--seq", 0)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --seq 0 must be at least 1"
+    bad = tool("tune_attention.py", "--compile-jobs", -1)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --compile-jobs -1 must be 0 or more"
 
 
 def test_gpu_check_runs_every_step_and_reports_each_failure(tmp_path):
@@ -222,3 +268,26 @@ def test_gpu_check_runs_every_step_and_reports_each_failure(tmp_path):
     for later in ("tune_attention.py", "bench_loss.py", "bench_train.py model=gpt2-124m", "model=gpt2-350m"):
         assert later in calls, calls
     assert r.stderr.count("FAILED") == 1 and "all steps passed" not in r.stdout
+
+
+def test_gpu_check_runs_the_steps_asked_for(tmp_path):
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho 'Fake GPU'\n")
+    log = tmp_path / "calls"
+    (tmp_path / "python").write_text(f'#!/bin/sh\necho "$*" >> {log}\nexit 0\n')
+    for f in ("nvidia-smi", "python"):
+        (tmp_path / f).chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "PYTHON": str(tmp_path / "python")}
+    r = subprocess.run(
+        ["bash", str(ROOT / "tools/gpu_check.sh"), "kernels", "loss"], env=env, capture_output=True, text=True
+    )
+    calls = log.read_text()
+    assert r.returncode == 0 and "all steps passed (kernels loss)" in r.stdout, r.stdout + r.stderr
+    assert "bench_kernels.py" in calls and "bench_loss.py" in calls, calls
+    assert not any(other in calls for other in ("pytest", "tune_attention.py", "bench_train.py")), calls
+    assert "== kernel benchmark: 0 s" in r.stdout  # each step's wall time
+    bad = subprocess.run(
+        ["bash", str(ROOT / "tools/gpu_check.sh"), "kernels", "bench"], env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: unknown step 'bench'; the steps are: tests tune kernels loss train"
+    )

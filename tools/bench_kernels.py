@@ -12,8 +12,9 @@ heads) against SDPA with enable_gqa, and packed documents (log-normal lengths, m
 yields) against SDPA with the boolean mask; FLOPs counted over the visible pairs only. `vs_causal` is the time
 with documents over the causal time scaled by the visible fraction (1.0: time proportional to the work).
 Norms: forward and backward GB/s (each tensor read or written counted once) for hidden sizes 1k..16k, alone
-and fused as the model runs them (residual added in, LayerNorm with a bias), ours against torch eager and
-torch.compile. Ceiling: a large device-to-device copy's GB/s (read + write).
+and fused as the model runs them (residual added in, LayerNorm with a bias), ours against torch eager,
+torch.compile and Liger-Kernel where it is installed (tools/_liger.py; its RMSNorm has a fused residual, its
+LayerNorm does not). Ceiling: a large device-to-device copy's GB/s (read + write).
 Writes results.json, results.csv and plots (PNG) to --out-dir, and prints a table.
 """
 
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
+import _liger
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,6 +234,8 @@ def bench_norms(kernels, device, dtype, smoke: bool, ceil: dict, reps: int) -> l
         impls = {"ours": lambda *a, f=ours, **kw: f(*a, impl="triton", **kw), "torch": ref}
         if CUDA:
             impls["torch_compile"] = torch.compile(ref)
+        if not _liger.missing():
+            impls["liger"] = getattr(_liger, op)
         for name, fn in impls.items():
             for N in sizes:
                 for fused in (False, True):
@@ -325,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = bench_attention(kernels, device, dtype, args.smoke, ceil, reps)
     rows += bench_model_paths(kernels, device, dtype, args.smoke, ceil, reps)
     rows += bench_norms(kernels, device, dtype, args.smoke, ceil, reps)
+    if _liger.missing():
+        print(f"Liger-Kernel baselines left out: {_liger.missing()}")
 
     print(
         f"device {name}, {dtype}; ceilings: matmul {ceil['matmul_tflops']:.2f} TFLOP/s, "
@@ -350,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "ceilings": ceil,
         "smoke": args.smoke,
+        "liger_kernel": _liger.missing() or _liger.version(),
     }
     (out_dir / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     fields = sorted({k for r in rows for k in r})

@@ -11,8 +11,9 @@ logits fit in memory and a step takes seconds). Each variant runs in a fresh pro
 (allocating the optimizer's state), then --steps timed steps. Peak memory of the last step: on a GPU
 `torch.cuda.max_memory_allocated` above what was allocated before it; on a CPU the process's peak resident
 set (VmHWM, reset before the step through /proc/self/clear_refs) above its resident set before it. Both
-variants also report the loss of the first step, which must agree. Results go to
-tools/results/bench_loss_<device>.json.
+variants also report the loss of the first step, which must agree. Where Liger-Kernel is installed (GPU), a
+third variant runs the model with its fused linear cross-entropy in place of ours (tools/_liger.py), and
+`vs_liger` compares ours with it. Results go to tools/results/bench_loss_<device>.json.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
+import _liger
 from _results import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,12 +40,17 @@ def _proc_kb(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
-def one(fused: bool, layers: int, batch: int, seq: int, steps: int, vocab: int, width: int) -> dict:
-    """Run the variant in this process; return its measurements."""
+def one(variant: str, layers: int, batch: int, seq: int, steps: int, vocab: int, width: int) -> dict:
+    """Run the variant (plain, fused or liger) in this process; return its measurements."""
     import torch
 
+    import kernels
     from llm.config import ModelConfig
     from llm.model import GPT
+
+    fused = variant != "plain"
+    if variant == "liger":  # the model's fused head and loss, computed by Liger-Kernel's instead of ours
+        kernels.linear_cross_entropy = _liger.linear_cross_entropy
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -81,6 +88,7 @@ def one(fused: bool, layers: int, batch: int, seq: int, steps: int, vocab: int, 
         times.append(time.perf_counter() - t0)
         peak = torch.cuda.max_memory_allocated() if cuda else _proc_kb("VmHWM") * 1024
     return {
+        "variant": variant,
         "fused_loss": fused,
         "first_loss": first_loss,
         "step_s": round(statistics.median(times), 4),
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=50257, help="real vocabulary (the model pads it to 50304)")
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--smoke", action="store_true", help="a small model and batch (CI)")
-    p.add_argument("--one", choices=["fused", "plain"], help=argparse.SUPPRESS)
+    p.add_argument("--one", choices=["fused", "plain", "liger"], help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="JSON path (default tools/results/bench_loss_<device>.json)")
     args = p.parse_args(argv)
     import torch
@@ -110,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     layers = args.layers or (12 if cuda else 2)
     batch = args.batch or (16 if cuda else 4)
     if args.one:
-        row = one(args.one == "fused", layers, batch, args.seq, args.steps, args.vocab, args.width)
+        row = one(args.one, layers, batch, args.seq, args.steps, args.vocab, args.width)
         print(json.dumps(row))
         return 0
     rows = []
-    for variant in ("plain", "fused"):
+    if _liger.missing():
+        print(f"the Liger-Kernel baseline is left out: {_liger.missing()}")
+    for variant in ("plain", "fused") if _liger.missing() else ("plain", "fused", "liger"):
         cmd = [sys.executable, __file__, "--one", variant, f"--layers={layers}", f"--batch={batch}"]
         cmd += [f"--seq={args.seq}", f"--steps={args.steps}", f"--vocab={args.vocab}", f"--width={args.width}"]
         # big blocks from mmap, returned to the system when freed, so that the resident set follows live memory
@@ -130,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             f"process peak {row['peak_bytes'] / 2**20:9.1f} MiB   first loss {row['first_loss']:.6f}",
             flush=True,
         )
-    plain, fused = rows
+    plain, fused = rows[:2]
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
@@ -142,10 +152,21 @@ def main(argv: list[str] | None = None) -> int:
         "step_peak_ratio": round(fused["step_peak_bytes"] / plain["step_peak_bytes"], 3),
         "step_time_ratio": round(fused["step_s"] / plain["step_s"], 3),
         "loss_difference": abs(fused["first_loss"] - plain["first_loss"]),
+        "liger_kernel": _liger.missing() or _liger.version(),
     }
+    if len(rows) == 3:  # ours against Liger-Kernel's fused linear cross-entropy
+        liger = rows[2]
+        result["vs_liger"] = {
+            "step_peak_ratio": round(fused["step_peak_bytes"] / liger["step_peak_bytes"], 3),
+            "step_time_ratio": round(fused["step_s"] / liger["step_s"], 3),
+            "loss_difference": abs(liger["first_loss"] - plain["first_loss"]),
+        }
     print(
         f"fused / plain: step peak memory {result['step_peak_ratio']:.3f}x, step time {result['step_time_ratio']:.3f}x"
     )
+    if "vs_liger" in result:
+        vs = result["vs_liger"]
+        print(f"fused / liger: step peak memory {vs['step_peak_ratio']:.3f}x, step time {vs['step_time_ratio']:.3f}x")
     out = args.out or ROOT / "tools" / "results" / f"bench_loss_{'cuda' if cuda else 'cpu'}.json"
     write_json(out, result)
     return 0

@@ -39,47 +39,99 @@ def candidates(kind: str, smoke: bool) -> list[tuple[int, int, int, int]]:
     return list(itertools.product(ms, ns, (4, 8), (2, 3, 4)))
 
 
+def work(smoke: bool) -> list[tuple]:
+    """Every (bucket, causal, docs, kind, candidate) to time, in the order they are timed."""
+    return [
+        (bucket, causal, docs, kind, cand)
+        for bucket in ((64,) if smoke else (64, 128))
+        for causal, docs in VARIANTS
+        for kind in ("fwd", "dkdv", "dq")
+        for cand in candidates(kind, smoke)
+    ]
+
+
+class Bench:
+    """The inputs of one head-dim bucket and variant, and each pass run with a candidate in place of the table's
+    entry for that pass."""
+
+    def __init__(self, A, bucket: int, causal: bool, docs: bool, smoke: bool, seq: int):
+        from bench_kernels import packed_documents
+
+        device = torch.device("cuda" if CUDA else "cpu")
+        dtype = torch.bfloat16 if CUDA else torch.float32
+        B, hq, hkv = (1, 2, 1) if smoke else (max(1, 16384 // seq), 16, 4)
+        self.A, self.causal, self.scale = A, causal, 1 / math.sqrt(bucket)
+        self.q = torch.randn(B, hq, seq, bucket, device=device, dtype=dtype)
+        self.k, self.v = (torch.randn(B, hkv, seq, bucket, device=device, dtype=dtype) for _ in range(2))
+        self.do = torch.randn_like(self.q)
+        self.doc_ids = packed_documents(B, seq, 24 if smoke else 1024, device) if docs else None
+        self.o, self.lse = A.attention_fwd(self.q, self.k, self.v, self.doc_ids, causal, self.scale)
+
+    def pass_with(self, kind: str, cand: tuple):
+        """A callable running the pass (the forward, or the backward for dkdv and dq) with `cand` for `kind`."""
+        A, default = self.A, self.A.config
+        args = (self.q, self.k, self.v, self.doc_ids, self.causal, self.scale)
+
+        def patched(kind_, D, arch_, dtype_=torch.bfloat16, causal_=True, docs_=False):
+            return cand if kind_ == kind else default(kind_, D, arch_, dtype_, causal_, docs_)
+
+        def run():
+            A.config = patched
+            try:
+                if kind == "fwd":
+                    return A.attention_fwd(*args)
+                return A.attention_bwd(self.do, *args[:3], self.o, self.lse, *args[3:])
+            finally:
+                A.config = default
+
+        return run
+
+
+def _compile_some(jobs: list[tuple], smoke: bool, seq: int) -> tuple[int, int]:
+    """In a worker process: run each job's pass once at a short sequence, so that Triton compiles it into its
+    on-disk cache (the specialization is that of the timed launch: sizes and strides divisible by 16 alike).
+    -> (passes run, candidates that failed to launch)."""
+    import kernels  # noqa: F401  (the package registers the ops)
+
+    A, benches, failed = sys.modules["kernels.attention"], {}, 0
+    for bucket, causal, docs, kind, cand in jobs:
+        if (bucket, causal, docs) not in benches:
+            benches[bucket, causal, docs] = Bench(A, bucket, causal, docs, smoke, seq)
+        try:
+            benches[bucket, causal, docs].pass_with(kind, cand)()
+        except Exception:  # noqa: BLE001 - a candidate this GPU cannot launch: the timing pass says so
+            failed += 1
+    if CUDA:
+        torch.cuda.synchronize()
+    return len(jobs), failed
+
+
+def compile_all(jobs: list[tuple], processes: int, smoke: bool, seq: int) -> None:
+    """Compile every candidate before timing, in parallel processes (one kernel compiles in seconds, and there
+    are hundreds: one after another they would take most of an hour); the timing pass then loads them from
+    Triton's cache."""
+    import multiprocessing
+
+    t0 = time.time()
+    shares = [jobs[i::processes] for i in range(processes)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        done = pool.starmap(_compile_some, [(share, smoke, seq) for share in shares if share])
+    ran, failed = sum(d[0] for d in done), sum(d[1] for d in done)
+    print(f"compiled {ran} candidate passes in {processes} processes in {time.time() - t0:.0f} s ({failed} failed)")
+
+
 def tune(A, timed, smoke: bool, seq: int) -> list[dict]:
-    from bench_kernels import packed_documents
-
-    device = torch.device("cuda" if CUDA else "cpu")
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    default = A.config
-    rows = []
-    for bucket in (64,) if smoke else (64, 128):
-        B, hq, hkv = max(1, 16384 // seq), 16, 4
-        if smoke:
-            B, hq, hkv = 1, 2, 1
-        q = torch.randn(B, hq, seq, bucket, device=device, dtype=dtype)
-        k, v = (torch.randn(B, hkv, seq, bucket, device=device, dtype=dtype) for _ in range(2))
-        do = torch.randn_like(q)
-        docs = packed_documents(B, seq, 24 if smoke else 1024, device)
-        scale = 1 / math.sqrt(bucket)
-        for causal, with_docs in VARIANTS:
-            doc_ids = docs if with_docs else None
-            o, lse = A.attention_fwd(q, k, v, doc_ids, causal, scale)
-            runs = {
-                "fwd": lambda: A.attention_fwd(q, k, v, doc_ids, causal, scale),
-                "dkdv": lambda: A.attention_bwd(do, q, k, v, o, lse, doc_ids, causal, scale),
-                "dq": lambda: A.attention_bwd(do, q, k, v, o, lse, doc_ids, causal, scale),
-            }
-            for kind, run in runs.items():
-                for cand in candidates(kind, smoke):
-
-                    def patched(kind_, D, arch_, dtype_=torch.bfloat16, causal_=True, docs_=False, _c=cand, _k=kind):
-                        return _c if kind_ == _k else default(kind_, D, arch_, dtype_, causal_, docs_)
-
-                    A.config = patched
-                    try:
-                        ms = timed(run, 2 if smoke else 10) * 1e3
-                    except Exception as e:  # noqa: BLE001 - a candidate this GPU cannot launch
-                        print(f"skip {kind} D={bucket} {cand}: {str(e).splitlines()[0][:80]}")
-                        continue
-                    finally:
-                        A.config = default
-                    row = {"kind": kind, "bucket": bucket, "causal": causal, "docs": with_docs, "config": cand}
-                    rows.append({**row, "ms": ms})
-                    print(f"{kind:<5} D={bucket:<4} causal={causal:d} docs={with_docs:d} {cand} {ms:9.3f} ms")
+    rows, bench = [], {}
+    for bucket, causal, docs, kind, cand in work(smoke):
+        if (bucket, causal, docs) not in bench:
+            bench = {(bucket, causal, docs): Bench(A, bucket, causal, docs, smoke, seq)}  # one bucket's at a time
+        try:
+            ms = timed(bench[bucket, causal, docs].pass_with(kind, cand), 2 if smoke else 10) * 1e3
+        except Exception as e:  # noqa: BLE001 - a candidate this GPU cannot launch
+            print(f"skip {kind} D={bucket} {cand}: {str(e).splitlines()[0][:80]}")
+            continue
+        rows.append({"kind": kind, "bucket": bucket, "causal": causal, "docs": docs, "config": cand, "ms": ms})
+        print(f"{kind:<5} D={bucket:<4} causal={causal:d} docs={docs:d} {cand} {ms:9.3f} ms")
     return rows
 
 
@@ -111,9 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny shapes through the Triton interpreter (no GPU)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default 4096; 64 with --smoke)")
     p.add_argument("--out", default=None, help="default tools/results/tune_attention_<gpu>.json")
+    p.add_argument(
+        "--compile-jobs",
+        type=int,
+        default=None,
+        help="processes compiling the candidates before timing (default: the CPUs; 0: compile while timing)",
+    )
     args = p.parse_args(argv)
     if args.seq is not None and args.seq < 1:
         print(f"error: --seq {args.seq} must be at least 1", file=sys.stderr)
+        return 2
+    if args.compile_jobs is not None and args.compile_jobs < 0:
+        print(f"error: --compile-jobs {args.compile_jobs} must be 0 or more", file=sys.stderr)
         return 2
     if not CUDA:
         if not args.smoke:
@@ -126,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
 
     A = sys.modules["kernels.attention"]
     name = torch.cuda.get_device_name() if CUDA else "cpu"
-    rows = tune(A, timed, args.smoke, args.seq or (64 if args.smoke else 4096))
+    seq = args.seq or (64 if args.smoke else 4096)
+    jobs = args.compile_jobs if args.compile_jobs is not None else (os.cpu_count() or 1)
+    if jobs:
+        compile_all(work(args.smoke), jobs, args.smoke, min(seq, 256))
+    rows = tune(A, timed, args.smoke, seq)
     shared, variants = choose(rows)
     gen = A.generation(A._arch(torch.empty(0, device="cuda"))) if CUDA else None
     print(f"\nfastest on {name} (generation {gen}); freeze in kernels/attention.py:")
