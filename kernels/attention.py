@@ -44,6 +44,7 @@ except ImportError:  # triton is Linux-only; the reference still works
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
+FP32_TINY, FP32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # the smallest normal and the largest fp32
 
 
 def attention_mask(doc_ids: torch.Tensor | None, T: int, causal: bool, device) -> torch.Tensor | None:
@@ -640,8 +641,9 @@ def _check(q, k, v, doc_ids, softmax_scale):
         raise ValueError(f"k/v shape {tuple(k.shape)} does not fit q {tuple(q.shape)} (needs Hq % Hkv == 0)")
     if doc_ids is not None and tuple(doc_ids.shape) != (B, T):
         raise ValueError(f"doc_ids must be (B, T) = {(B, T)}, got {tuple(doc_ids.shape)}")
-    if softmax_scale is not None and not softmax_scale > 0:  # the kernels take a row's max before scaling it
-        raise ValueError(f"softmax_scale must be positive, got {softmax_scale}")
+    # the kernels take a row's max before scaling it, by scale * log2(e) in fp32: positive, and a normal fp32
+    if softmax_scale is not None and not FP32_TINY < softmax_scale * LOG2E < FP32_MAX:
+        raise ValueError(f"softmax_scale must be positive and within fp32 range, got {softmax_scale}")
 
 
 def attention(q, k, v, causal=True, doc_ids=None, softmax_scale=None, impl="auto"):

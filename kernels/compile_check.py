@@ -55,7 +55,7 @@ def accepted_spill(name: str, arch: int, dtype: str, constexprs: dict, spills: i
     sm_80 compiles the same code to 143 registers and none (other entries spill elsewhere: until timed on a
     GPU, the entry stays)."""
     if name in ATTENTION_LOOPS:
-        if arch == 89 and name == "_attn_fwd_kernel" and constexprs["BLOCK_D"] == 32:
+        if arch == 89 and name == "_attn_fwd_kernel" and constexprs["BLOCK_D"] == 32 and dtype != "fp32":
             return spills <= 16
         return dtype == "fp32"
     return name == "_norm_bwd_kernel" and constexprs["BLOCK_N"] * (4 if dtype == "fp32" else 2) >= 65536

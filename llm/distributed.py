@@ -174,4 +174,6 @@ def deepspeed_config(cfg: Config, world_size: int, n_params: int | None = None) 
         "zero_force_ds_cpu_optimizer": False,  # our torch AdamW also under ZeRO-Offload (no C++ op build)
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # on by default, and synchronised: a device-wide synchronize at every forward and every step
+        "timers": {"throughput": {"enabled": False}},
     }

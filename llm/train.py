@@ -153,7 +153,9 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
     D.on_rank0(prepare_on_rank0, (*BAD_INPUT, OSError))
     tok = task.setup()
     if t.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at its first use)
+        # deterministic cuBLAS; PyTorch reads it at the process's first cuBLAS call, which in a fresh process
+        # comes later (a process that ran CUDA matmuls before calling train() must set it itself)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     seed_everything(t.seed)  # the same initial weights on every rank
     model = task.build_model()

@@ -368,10 +368,13 @@ def test_sequences_beyond_the_int32_offsets_are_refused():
 
 
 @pytest.mark.parametrize("impl", ["auto", "torch", "triton"])
-def test_a_scale_that_is_not_positive_is_refused(impl):
+@pytest.mark.parametrize("scale", [-0.25, 0.0, 1e-46, float("inf"), float("nan")])
+def test_a_scale_that_is_not_a_positive_fp32_is_refused(impl, scale):
+    # the kernels scale a row's max by scale * log2(e) in fp32: 1e-46 would round to 0 and turn masked scores
+    # into -inf * 0 = NaN
     q = torch.randn(1, 2, 40, 16)
-    with pytest.raises(ValueError, match="softmax_scale must be positive, got -0.25"):
-        attention(q, q, q, softmax_scale=-0.25, impl=impl)
+    with pytest.raises(ValueError, match=f"softmax_scale must be positive and within fp32 range, got {scale}"):
+        attention(q, q, q, softmax_scale=scale, impl=impl)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])

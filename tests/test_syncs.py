@@ -1,5 +1,6 @@
 """A training step copies from the device to the host once: the step's decision (skip a non-finite step, stop
-on a signal, save on time), taken together by all ranks. Counted by patching every tensor-to-host conversion
+on a signal, save on time), taken together by all ranks, and asks for no device-wide synchronisation (DeepSpeed's
+throughput timer, on by default, would ask for two). Counted by patching every tensor-to-host conversion
 in a short CPU run: the count for 8 steps minus that for 4 is 4 times the per-step count (the first and last
 steps, logging, evaluation and checkpoints are the same in both). Not counted: PyTorch's optimizers reading
 their step counters (`torch/optim/optimizer.py`), tensors that PyTorch keeps on the host by design (unless
@@ -10,6 +11,7 @@ import traceback
 
 import pytest
 import torch
+from deepspeed.accelerator import get_accelerator
 from helpers import make_cfg
 
 from llm.train import train
@@ -18,7 +20,15 @@ CONVERSIONS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"
 
 
 def count_conversions(monkeypatch, cfg) -> int:
+    """(count, where) of the tensor-to-host conversions of a run, and of the device-wide synchronisations asked
+    of DeepSpeed's accelerator (on a CPU they do nothing, on a GPU each waits for all queued work)."""
     calls = []
+
+    def synchronize(*args, **kwargs):
+        caller = traceback.extract_stack(limit=2)[0]
+        calls.append(f"synchronize at {caller.filename}:{caller.lineno}")
+
+    monkeypatch.setattr(get_accelerator(), "synchronize", synchronize)
     for name in CONVERSIONS:
         original = getattr(torch.Tensor, name)
 

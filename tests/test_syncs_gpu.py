@@ -1,9 +1,13 @@
 """On a GPU (marker `gpu`), a training step synchronises the device with the host once, counted by CUDA itself:
-under `torch.cuda.set_sync_debug_mode("warn")` PyTorch warns at every synchronising operation, from Python or
-inside an op (a blocking copy either way, `item()`, a device-wide synchronize), where test_syncs.py sees only the
-Python-level conversions. As there, the count for 8 steps minus that for 4 is 4 times the per-step count."""
+under `torch.cuda.set_sync_debug_mode("warn")` PyTorch warns at every blocking copy between host and device
+(`item()`, `tolist()`, a tensor made from host values) and stream synchronisation, from Python or inside an op,
+where test_syncs.py sees only the Python-level conversions; device-wide synchronisations (`torch.cuda.synchronize`,
+DeepSpeed's accelerator) are not reported by it and are counted by patching them. As there, the count for 8 steps
+minus that for 4 is 4 times the per-step count. In fp32 without ZeRO: in bf16 DeepSpeed wraps the optimizer in
+its mixed-precision optimizer, which checks each gradient for overflow on the host."""
 
 import collections
+import traceback
 import warnings
 
 import pytest
@@ -12,6 +16,7 @@ import torch
 pytest.importorskip("deepspeed")
 pytest.importorskip("hydra")
 
+from deepspeed.accelerator import get_accelerator  # noqa: E402
 from helpers import make_cfg  # noqa: E402
 
 from llm.train import train  # noqa: E402
@@ -19,8 +24,19 @@ from llm.train import train  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 
-def synchronisations(cfg) -> collections.Counter:
+def synchronisations(monkeypatch, cfg) -> collections.Counter:
     """Where each synchronisation of a training run happened (file:line of the Python frame that caused it)."""
+    device_wide = []
+
+    def counted(original):
+        def synchronize(*args, **kwargs):
+            device_wide.append("synchronize at {0.filename}:{0.lineno}".format(traceback.extract_stack(limit=2)[0]))
+            return original(*args, **kwargs)
+
+        return synchronize
+
+    monkeypatch.setattr(torch.cuda, "synchronize", counted(torch.cuda.synchronize))
+    monkeypatch.setattr(get_accelerator(), "synchronize", counted(get_accelerator().synchronize))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -28,15 +44,18 @@ def synchronisations(cfg) -> collections.Counter:
             train(cfg)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+            monkeypatch.undo()
+    reported = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    return collections.Counter(reported + device_wide)
 
 
-def test_a_training_step_synchronises_the_gpu_once(tmp_path, prepared_dir, tokenizer_dir):
+def test_a_training_step_synchronises_the_gpu_once(monkeypatch, tmp_path, prepared_dir, tokenizer_dir):
     counts = {}
     for steps in (4, 8):
         quiet = {"max_steps": steps, "eval_every": 0, "ckpt_every_steps": 0, "deterministic": False}
-        sections = {"train": quiet, "logger": {"log_every": 1000}, "deepspeed": {"stage": 0}}
-        counts[steps] = synchronisations(make_cfg(tmp_path, prepared_dir, tokenizer_dir, f"s{steps}", **sections))
+        sections = {"train": quiet, "logger": {"log_every": 1000}, "deepspeed": {"stage": 0, "precision": "fp32"}}
+        cfg = make_cfg(tmp_path, prepared_dir, tokenizer_dir, f"s{steps}", **sections)
+        counts[steps] = synchronisations(monkeypatch, cfg)
     extra = counts[8] - counts[4]
     # one place, once a step: the decision all ranks take together (all_max's copy to the host)
     ((where, n),) = extra.items()

@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         # big blocks from mmap, returned to the system when freed, so that the resident set follows live memory
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        if r.returncode != 0 and variant == "liger":  # the optional baseline: ours are measured all the same
+            print(f"warning: the Liger-Kernel variant failed, left out:\n{r.stderr[-3000:]}", file=sys.stderr)
+            break
         if r.returncode != 0:
             print(f"error: the {variant} variant failed:\n{r.stderr[-3000:]}", file=sys.stderr)
             return 1

@@ -19,6 +19,7 @@ import argparse
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -54,12 +55,12 @@ class Bench:
     """The inputs of one head-dim bucket and variant, and each pass run with a candidate in place of the table's
     entry for that pass."""
 
-    def __init__(self, A, bucket: int, causal: bool, docs: bool, smoke: bool, seq: int):
+    def __init__(self, A, bucket: int, causal: bool, docs: bool, smoke: bool, seq: int, batch: int | None = None):
         from bench_kernels import packed_documents
 
         device = torch.device("cuda" if CUDA else "cpu")
         dtype = torch.bfloat16 if CUDA else torch.float32
-        B, hq, hkv = (1, 2, 1) if smoke else (max(1, 16384 // seq), 16, 4)
+        B, hq, hkv = (1, 2, 1) if smoke else (batch or max(1, 16384 // seq), 16, 4)
         self.A, self.causal, self.scale = A, causal, 1 / math.sqrt(bucket)
         self.q = torch.randn(B, hq, seq, bucket, device=device, dtype=dtype)
         self.k, self.v = (torch.randn(B, hkv, seq, bucket, device=device, dtype=dtype) for _ in range(2))
@@ -88,36 +89,52 @@ class Bench:
 
 
 def _compile_some(jobs: list[tuple], smoke: bool, seq: int) -> tuple[int, int]:
-    """In a worker process: run each job's pass once at a short sequence, so that Triton compiles it into its
-    on-disk cache (the specialization is that of the timed launch: sizes and strides divisible by 16 alike).
-    -> (passes run, candidates that failed to launch)."""
+    """In a worker process: run each job's pass once on one short sequence, so that Triton compiles it into its
+    on-disk cache (the specialization is that of the timed launch: the batch is no kernel argument, and the
+    sizes and strides are divisible by 16 alike). -> (passes run, passes that failed to launch)."""
     import kernels  # noqa: F401  (the package registers the ops)
 
     A, benches, failed = sys.modules["kernels.attention"], {}, 0
     for bucket, causal, docs, kind, cand in jobs:
-        if (bucket, causal, docs) not in benches:
-            benches[bucket, causal, docs] = Bench(A, bucket, causal, docs, smoke, seq)
         try:
+            if (bucket, causal, docs) not in benches:
+                benches = {(bucket, causal, docs): Bench(A, bucket, causal, docs, smoke, seq, batch=1)}
             benches[bucket, causal, docs].pass_with(kind, cand)()
-        except Exception:  # noqa: BLE001 - a candidate this GPU cannot launch: the timing pass says so
+        except Exception:  # noqa: BLE001 - e.g. a candidate this GPU cannot launch: the timing pass says so
             failed += 1
     if CUDA:
         torch.cuda.synchronize()
     return len(jobs), failed
 
 
+def compile_seq(seq: int) -> int:
+    """A sequence length at most 256 that Triton specializes as it does `seq` (divisible by 16 or not)."""
+    return seq if seq <= 256 else 256 if seq % 16 == 0 else 257
+
+
+def default_compile_jobs() -> int:
+    """The CPUs this process may use, at most 16 (each compiling process also holds a CUDA context)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cpus, 16)
+
+
 def compile_all(jobs: list[tuple], processes: int, smoke: bool, seq: int) -> None:
     """Compile every candidate before timing, in parallel processes (one kernel compiles in seconds, and there
     are hundreds: one after another they would take most of an hour); the timing pass then loads them from
-    Triton's cache."""
-    import multiprocessing
+    Triton's cache. A failure here only costs time: the timing pass compiles what is missing."""
+    from concurrent.futures import ProcessPoolExecutor
 
     t0 = time.time()
-    shares = [jobs[i::processes] for i in range(processes)]
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        done = pool.starmap(_compile_some, [(share, smoke, seq) for share in shares if share])
+    shares = [share for share in (jobs[i::processes] for i in range(processes)) if share]
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(len(shares), mp_context=ctx) as pool:
+            done = list(pool.map(_compile_some, shares, [smoke] * len(shares), [compile_seq(seq)] * len(shares)))
+    except Exception as e:  # noqa: BLE001 - e.g. a worker that died (BrokenProcessPool)
+        print(f"compiling in parallel failed ({type(e).__name__}: {e}); the timing pass compiles instead")
+        return
     ran, failed = sum(d[0] for d in done), sum(d[1] for d in done)
-    print(f"compiled {ran} candidate passes in {processes} processes in {time.time() - t0:.0f} s ({failed} failed)")
+    print(f"compiled {ran} candidate passes in {len(shares)} processes in {time.time() - t0:.0f} s ({failed} failed)")
 
 
 def tune(A, timed, smoke: bool, seq: int) -> list[dict]:
@@ -167,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "--compile-jobs",
         type=int,
         default=None,
-        help="processes compiling the candidates before timing (default: the CPUs; 0: compile while timing)",
+        help="processes compiling the candidates before timing (default: the CPUs, at most 16; 0: none)",
     )
     args = p.parse_args(argv)
     if args.seq is not None and args.seq < 1:
@@ -188,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     A = sys.modules["kernels.attention"]
     name = torch.cuda.get_device_name() if CUDA else "cpu"
     seq = args.seq or (64 if args.smoke else 4096)
-    jobs = args.compile_jobs if args.compile_jobs is not None else (os.cpu_count() or 1)
+    jobs = args.compile_jobs if args.compile_jobs is not None else default_compile_jobs()
     if jobs:
-        compile_all(work(args.smoke), jobs, args.smoke, min(seq, 256))
+        compile_all(work(args.smoke), jobs, args.smoke, seq)
     rows = tune(A, timed, args.smoke, seq)
     shared, variants = choose(rows)
     gen = A.generation(A._arch(torch.empty(0, device="cuda"))) if CUDA else None
