@@ -8,6 +8,7 @@ llm/slurm.py). A GPU rank uses device LOCAL_RANK, or device 0 when it sees one G
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -135,12 +136,30 @@ def resolve_precision(requested: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
+def autocast_dtype(cfg: Config) -> torch.dtype | None:
+    """bf16 without ZeRO runs as torch.autocast over fp32 weights and gradients (nanoGPT's and litgpt's
+    bf16-mixed): the matmuls in bf16, the weights, gradients and optimizer in fp32. Not DeepSpeed's bf16 mode,
+    whose optimizer wrapper there accumulates the gradients in bf16 and, every step, checks each gradient for
+    overflow and takes its norm on the host: a device synchronisation per parameter tensor. Under ZeRO,
+    DeepSpeed's bf16 (its ZeRO optimizer keeps flat fp32 master weights)."""
+    if cfg.deepspeed.stage == 0 and resolve_precision(cfg.deepspeed.precision) == "bf16":
+        return torch.bfloat16
+    return None
+
+
+def forward_precision(cfg: Config, device) -> contextlib.AbstractContextManager:
+    """The context the model's forward runs in: autocast where `autocast_dtype` says so."""
+    dtype = autocast_dtype(cfg)
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 def loop_clips(cfg: Config) -> bool:
-    """Whether the training loop clips the gradients itself rather than DeepSpeed: without ZeRO in fp32, where
-    DeepSpeed would take a norm per parameter and all-reduce a total every rank already has (the gradients are
-    averaged by then); torch's clip_grad_norm_ gives the same result in one fused pass, and its norm is the
-    logged grad_norm. Under ZeRO or in 16-bit precision DeepSpeed's optimizer wrapper clips."""
-    return cfg.deepspeed.stage == 0 and resolve_precision(cfg.deepspeed.precision) == "fp32" and cfg.optim.grad_clip > 0
+    """Whether the training loop clips the gradients itself rather than DeepSpeed: without ZeRO in fp32 (or bf16
+    autocast over fp32 weights), where DeepSpeed would take a norm per parameter and all-reduce a total every rank
+    already has (the gradients are averaged by then); torch's clip_grad_norm_ gives the same result in one fused
+    pass, and its norm is the logged grad_norm. Under ZeRO or in fp16 DeepSpeed's optimizer wrapper clips."""
+    precision = resolve_precision(cfg.deepspeed.precision)
+    return cfg.deepspeed.stage == 0 and precision in ("fp32", "bf16") and cfg.optim.grad_clip > 0
 
 
 def deepspeed_config(cfg: Config, world_size: int, n_params: int | None = None) -> dict:
@@ -168,7 +187,7 @@ def deepspeed_config(cfg: Config, world_size: int, n_params: int | None = None) 
         "gradient_accumulation_steps": t.global_batch // (t.micro_batch * world_size),
         "gradient_clipping": 0.0 if loop_clips(cfg) else cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16" and autocast_dtype(cfg) is None},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # our torch AdamW also under ZeRO-Offload (no C++ op build)

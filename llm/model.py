@@ -41,6 +41,8 @@ class Norm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x), or with `residual` the fused pair (norm(x + residual), x + residual)."""
+        if residual is not None and x.dtype != residual.dtype:  # autocast: a bf16 branch joins the fp32 stream
+            x = x.to(residual.dtype)
         if self.kind == "rmsnorm":
             return kernels.rms_norm(x, self.weight, self.eps, residual=residual, impl=self.impl)
         return kernels.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, impl=self.impl)

@@ -276,7 +276,8 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
             logs_now = (step + 1) % cfg.logger.log_every == 0 or step + 1 in (t.max_steps, last_step)
             nonfinite, grad_norm = torch.zeros((), device=device), None
             for micro in range(loader.grad_accum):
-                loss = engine(**to_device(next(loader), device))
+                with D.forward_precision(cfg, device):
+                    loss = engine(**to_device(next(loader), device))
                 finite = torch.isfinite(loss.detach())
                 nonfinite = torch.maximum(nonfinite, (~finite).float())
                 loss_sum += torch.where(finite, loss.detach().float(), 0.0)

@@ -6,11 +6,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from llm.config import Config, ConfigError, register, to_config, validate
-from llm.distributed import deepspeed_config
+from llm.distributed import autocast_dtype, deepspeed_config
 from llm.train import load_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -76,6 +77,17 @@ def test_deepspeed_json_is_generated_from_the_schema():
     zero = deepspeed_config(cfg, world_size=2, n_params=1_000_000)["zero_optimization"]  # buckets: the model at most
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 1_000_000
     assert ds["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    assert ds["timers"] == {"throughput": {"enabled": False}}  # DeepSpeed's default synchronises every micro-batch
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_bf16_without_zero_is_autocast_and_under_zero_deepspeed_bf16(stage):
+    cfg = load(f"deepspeed.stage={stage}", "deepspeed.precision=bf16", "optim.grad_clip=0.5")
+    ds = deepspeed_config(cfg, world_size=1)
+    if stage == 0:  # fp32 weights and gradients, bf16 matmuls; the loop clips, as in fp32
+        assert autocast_dtype(cfg) == torch.bfloat16 and not ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0
+    else:
+        assert autocast_dtype(cfg) is None and ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
 
 
 @pytest.mark.parametrize(

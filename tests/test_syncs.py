@@ -45,17 +45,19 @@ def count_conversions(monkeypatch, cfg) -> int:
 
 
 # DeepSpeed's own: ZeRO-1/2 test the gradient norm for validity on the host (deepspeed/runtime/utils.py
-# is_invalid_grad_norm) three times a step; without ZeRO it does not
-DEEPSPEED_PER_STEP = {0: 0, 2: 3}
+# is_invalid_grad_norm) three times a step; without ZeRO it does not, in fp32 or in bf16 (autocast over fp32
+# weights: DeepSpeed's bf16 wrapper there would read every gradient's overflow flag and norm)
+DEEPSPEED_PER_STEP = {(0, "fp32"): 0, (2, "fp32"): 3, (0, "bf16"): 0}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", sorted(DEEPSPEED_PER_STEP))
-def test_a_training_step_synchronises_once(monkeypatch, tmp_path, prepared_dir, tokenizer_dir, stage):
+@pytest.mark.parametrize("stage, precision", sorted(DEEPSPEED_PER_STEP))
+def test_a_training_step_synchronises_once(monkeypatch, tmp_path, prepared_dir, tokenizer_dir, stage, precision):
     counts = {}
     for steps in (4, 8):
         quiet = {"max_steps": steps, "eval_every": 0, "ckpt_every_steps": 0}
-        sections = {"train": quiet, "logger": {"log_every": 1000}, "deepspeed": {"stage": stage}}
+        ds = {"stage": stage, "precision": precision}
+        sections = {"train": quiet, "logger": {"log_every": 1000}, "deepspeed": ds}
         counts[steps] = count_conversions(
             monkeypatch, make_cfg(tmp_path, prepared_dir, tokenizer_dir, f"s{steps}", **sections)
         )
@@ -64,5 +66,5 @@ def test_a_training_step_synchronises_once(monkeypatch, tmp_path, prepared_dir, 
     theirs = {where: n for where, n in extra.items() if "/deepspeed/" in where}
     ((where, n),) = ours.items()  # one place, once a step: the decision all ranks take together
     assert where.startswith("tolist at") and "llm/train.py" in where and n == 4, extra
-    assert sum(theirs.values()) == 4 * DEEPSPEED_PER_STEP[stage], extra
+    assert sum(theirs.values()) == 4 * DEEPSPEED_PER_STEP[stage, precision], extra
     assert all("deepspeed/runtime/utils.py" in where for where in theirs), extra

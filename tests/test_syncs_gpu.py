@@ -3,8 +3,7 @@ under `torch.cuda.set_sync_debug_mode("warn")` PyTorch warns at every blocking c
 (`item()`, `tolist()`, a tensor made from host values) and stream synchronisation, from Python or inside an op,
 where test_syncs.py sees only the Python-level conversions; device-wide synchronisations (`torch.cuda.synchronize`,
 DeepSpeed's accelerator) are not reported by it and are counted by patching them. As there, the count for 8 steps
-minus that for 4 is 4 times the per-step count. In fp32 without ZeRO: in bf16 DeepSpeed wraps the optimizer in
-its mixed-precision optimizer, which checks each gradient for overflow on the host."""
+minus that for 4 is 4 times the per-step count. Without ZeRO, in fp32 and in bf16 (autocast over fp32 weights)."""
 
 import collections
 import traceback
@@ -49,11 +48,13 @@ def synchronisations(monkeypatch, cfg) -> collections.Counter:
     return collections.Counter(reported + device_wide)
 
 
-def test_a_training_step_synchronises_the_gpu_once(monkeypatch, tmp_path, prepared_dir, tokenizer_dir):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_training_step_synchronises_the_gpu_once(monkeypatch, tmp_path, prepared_dir, tokenizer_dir, precision):
     counts = {}
     for steps in (4, 8):
         quiet = {"max_steps": steps, "eval_every": 0, "ckpt_every_steps": 0, "deterministic": False}
-        sections = {"train": quiet, "logger": {"log_every": 1000}, "deepspeed": {"stage": 0, "precision": "fp32"}}
+        ds = {"stage": 0, "precision": precision}
+        sections = {"train": quiet, "logger": {"log_every": 1000}, "deepspeed": ds}
         cfg = make_cfg(tmp_path, prepared_dir, tokenizer_dir, f"s{steps}", **sections)
         counts[steps] = synchronisations(monkeypatch, cfg)
     extra = counts[8] - counts[4]

@@ -266,6 +266,20 @@ def test_bf16_under_zero_trains(cfg_factory, stage):
     assert [p.name for p in sorted(ckpt.glob("step_*"))] == ["step_00000002", "step_00000003", "step_00000004"]
 
 
+def test_bf16_without_zero_autocasts_over_fp32_weights(cfg_factory):
+    # torch.autocast: the matmuls in bf16 (losses near fp32's but not equal), weights and optimizer in fp32 (the
+    # checkpoint holds fp32 weights), no DeepSpeed bf16 wrapper (test_syncs: no host reads of its own)
+    steps = {"max_steps": 4, "ckpt_every_steps": 4}
+    fp32 = train(cfg_factory("fp32", train=steps))
+    bf16 = train(cfg_factory("bf16", deepspeed={"stage": 0, "precision": "bf16"}, train=steps))
+    a, b = records(fp32["run_dir"]), records(bf16["run_dir"])
+    assert a.keys() == b.keys() and a != b and all(abs(a[k] - b[k]) < 0.05 for k in a), (a, b)
+    states = torch.load(
+        Path(bf16["run_dir"]) / "checkpoints/step_00000004/mp_rank_00_model_states.pt", weights_only=False
+    )
+    assert {v.dtype for v in states["module"].values()} == {torch.float32}
+
+
 @pytest.mark.slow
 def test_torch_compile_gives_the_same_losses(cfg_factory):
     plain = train(cfg_factory("plain", train={"max_steps": 2, "deterministic": False}))

@@ -35,6 +35,7 @@ import torch
 from _results import write_json
 
 import llm.train as train_mod
+from llm import distributed as D
 from llm.data.dataset import BatchLoader
 from llm.data.prepare import ensure_data
 from llm.data.tokenizer import Tokenizer
@@ -58,12 +59,10 @@ def plain_step_times(cfg, vocab: int, device, steps: int, warmup: int) -> tuple[
     t = cfg.train
     torch.manual_seed(t.seed)
     model = GPT(replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab)).to(device)
-    dtype = (
-        torch.bfloat16
-        if cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and device.type == "cuda")
-        else torch.float32
-    )
-    model = model.to(dtype)
+    # bf16 as ours runs it: without ZeRO autocast over fp32 weights (as nanoGPT), under ZeRO bf16 weights
+    autocast = D.forward_precision(cfg, device)
+    if D.resolve_precision(cfg.deepspeed.precision) == "bf16" and D.autocast_dtype(cfg) is None:
+        model = model.to(torch.bfloat16)
     o = cfg.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
     accum = t.global_batch // t.micro_batch
@@ -80,7 +79,9 @@ def plain_step_times(cfg, vocab: int, device, steps: int, warmup: int) -> tuple[
             marks.append(time.perf_counter())
 
         for _ in range(accum):
-            (model(x[:, :-1], x[:, 1:]) / accum).backward()
+            with autocast:
+                loss = model(x[:, :-1], x[:, 1:])
+            (loss / accum).backward()
         mark()
         if o.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
