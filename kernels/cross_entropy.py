@@ -52,7 +52,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, vocab_size, ignore_index, chunk):
         n, width = h.shape
-        w = weight[:vocab_size]
+        w = weight[:vocab_size].to(h.dtype)  # under autocast h comes in its dtype: the weight cast once, not per chunk
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         keep = targets != ignore_index
         acc = _acc(h)
@@ -105,4 +105,6 @@ def linear_cross_entropy(h, weight, targets, vocab_size=None, ignore_index=-100,
     if not 0 < vocab <= weight.shape[0]:
         raise ValueError(f"linear_cross_entropy: vocab_size {vocab} must be in 1..{weight.shape[0]}")
     chunk = chunk or chunk_tokens(h.shape[0], vocab, h.shape[1])
+    if torch.is_autocast_enabled(h.device.type):  # every product in the autocast dtype, as the plain head's
+        h = h.to(torch.get_autocast_dtype(h.device.type))  # (out= and in-place matmuls are not autocast)
     return _LinearCrossEntropy.apply(h, weight, targets, vocab, ignore_index, chunk)

@@ -148,7 +148,8 @@ def autocast_dtype(cfg: Config) -> torch.dtype | None:
 
 
 def forward_precision(cfg: Config, device) -> contextlib.AbstractContextManager:
-    """The context the model's forward runs in: autocast where `autocast_dtype` says so."""
+    """The context a forward outside the DeepSpeed engine runs in (the engine enters it itself, from the
+    `torch_autocast` section of its config: it would switch off an autocast entered around it on a GPU)."""
     dtype = autocast_dtype(cfg)
     return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
 
@@ -195,4 +196,6 @@ def deepspeed_config(cfg: Config, world_size: int, n_params: int | None = None) 
         "wall_clock_breakdown": False,
         # on by default, and synchronised: a device-wide synchronize at every forward and every step
         "timers": {"throughput": {"enabled": False}},
+        # bf16 without ZeRO (autocast_dtype): the engine runs each forward under torch.autocast
+        "torch_autocast": {"enabled": autocast_dtype(cfg) is not None, "dtype": "bfloat16"},
     }

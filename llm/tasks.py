@@ -55,8 +55,7 @@ def evaluate(engine, windows, cfg: Config, env: D.DistEnv, device, eos_id: int) 
     batches = max(1, min(t.eval_batches, windows.n // t.global_batch))
     engine.eval()
     n = batches * loader.grad_accum
-    with D.forward_precision(cfg, device):
-        losses = torch.stack([engine(**to_device(next(loader), device)).float() for _ in range(n)])
+    losses = torch.stack([engine(**to_device(next(loader), device)).float() for _ in range(n)])
     engine.train()
     # every micro-batch's loss, in the order of the global samples it covers (ranks hold contiguous parts of each
     # global batch), summed in that order: the same number on any number of ranks
@@ -219,9 +218,7 @@ class Finetune:
             real = b < n_batches
             lo = (b if real else rank % n_batches) * micro
             batch = {k: torch.from_numpy(v[lo : lo + micro]).to(device) for k, v in rows.items()}
-            with D.forward_precision(self.cfg, device):
-                out = engine(**batch)
-            yield (b if real else None), batch, out
+            yield (b if real else None), batch, engine(**batch)
 
 
 class SFT(Finetune):

@@ -276,8 +276,7 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
             logs_now = (step + 1) % cfg.logger.log_every == 0 or step + 1 in (t.max_steps, last_step)
             nonfinite, grad_norm = torch.zeros((), device=device), None
             for micro in range(loader.grad_accum):
-                with D.forward_precision(cfg, device):
-                    loss = engine(**to_device(next(loader), device))
+                loss = engine(**to_device(next(loader), device))  # under autocast in bf16 without ZeRO
                 finite = torch.isfinite(loss.detach())
                 nonfinite = torch.maximum(nonfinite, (~finite).float())
                 loss_sum += torch.where(finite, loss.detach().float(), 0.0)
@@ -350,7 +349,8 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
                 break
         sample = None
         if env.rank == 0 and task.can_sample and t.sample_tokens and cfg.deepspeed.stage < 3 and done == t.max_steps:
-            sample = sample_text(engine.module, tok, t.sample_tokens, t.seed, device)
+            with D.forward_precision(cfg, device):  # the module itself, outside the engine
+                sample = sample_text(engine.module, tok, t.sample_tokens, t.seed, device)
             log.print("sample:\n" + sample)
     finally:
         log.close()

@@ -1,7 +1,8 @@
 """Helpers shared by the training tests: a small, fast, deterministic config over the fixture dataset, the
-per-step records of a run's metrics.jsonl, a way to damage a file without changing its size, and small
-fine-tuning files."""
+per-step records of a run's metrics.jsonl, a way to damage a file without changing its size, small
+fine-tuning files, and a record of the dtypes the matrix products run in."""
 
+import collections
 import contextlib
 import json
 import random
@@ -9,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llm.config import Config
 from llm.metrics import read_history
@@ -96,3 +98,20 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Inside it, `dtypes` counts the input dtypes of every matrix product that runs (mm, addmm, bmm, baddbmm,
+    whatever called it: autocast's casts happen before, so a product autocast missed shows as float32)."""
+
+    PRODUCTS = ("mm", "addmm", "bmm", "baddbmm")
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.PRODUCTS:
+            operands = args[-2:]  # (bias, a, b) or (a, b): the two multiplied
+            self.dtypes.update(str(t.dtype) for t in operands if isinstance(t, torch.Tensor))
+        return func(*args, **(kwargs or {}))

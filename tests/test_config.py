@@ -84,10 +84,12 @@ def test_deepspeed_json_is_generated_from_the_schema():
 def test_bf16_without_zero_is_autocast_and_under_zero_deepspeed_bf16(stage):
     cfg = load(f"deepspeed.stage={stage}", "deepspeed.precision=bf16", "optim.grad_clip=0.5")
     ds = deepspeed_config(cfg, world_size=1)
-    if stage == 0:  # fp32 weights and gradients, bf16 matmuls; the loop clips, as in fp32
+    if stage == 0:  # fp32 weights and gradients, bf16 matmuls (the engine's autocast); the loop clips, as in fp32
         assert autocast_dtype(cfg) == torch.bfloat16 and not ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0
+        assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     else:
         assert autocast_dtype(cfg) is None and ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
+        assert not ds["torch_autocast"]["enabled"]
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import MatmulDtypes
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels.cross_entropy import chunk_tokens, linear_cross_entropy, linear_cross_entropy_ref
@@ -51,6 +52,22 @@ def test_the_fused_loss_and_gradients_are_the_plain_ones(dtype, loss_tol, grad_t
         assert (ours.double() - plain.double()).abs().max() <= grad_tol * plain.double().abs().max()
     assert fused[2][vocab:].abs().max() == 0  # vocabulary padding rows: never predicted, no gradient
     assert ref[0].item() > 1 and ref[1].abs().max() > 0  # not a trivially small case
+
+
+def test_under_autocast_every_product_runs_in_its_dtype():
+    # the model's bf16 without ZeRO: fp32 hidden states and head under torch.autocast; the products written into
+    # buffers (out=, in place) are not autocast by torch, so the loss casts its inputs itself
+    h, w, targets, vocab = inputs(torch.float32)
+    for fn in (linear_cross_entropy_ref, linear_cross_entropy):
+        with MatmulDtypes() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, dh, dw = loss_and_grads(fn, h, w, targets, vocab)
+        assert set(seen.dtypes) == {"torch.bfloat16"}, (fn.__name__, seen.dtypes)
+        assert loss.dtype == dh.dtype == dw.dtype == torch.float32
+        if fn is linear_cross_entropy_ref:
+            ref = loss, dh, dw
+    assert abs(loss.item() - ref[0].item()) <= 1e-6 * ref[0].item()
+    for ours, plain in zip((dh, dw), ref[1:], strict=True):
+        assert (ours - plain).abs().max() <= 1.5e-2 * plain.abs().max()
 
 
 def test_ignored_targets_give_exactly_zero_loss_and_gradient():

@@ -16,7 +16,7 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("hydra")
 
 from deepspeed.accelerator import get_accelerator  # noqa: E402
-from helpers import make_cfg  # noqa: E402
+from helpers import MatmulDtypes, make_cfg  # noqa: E402
 
 from llm.train import train  # noqa: E402
 
@@ -61,3 +61,13 @@ def test_a_training_step_synchronises_the_gpu_once(monkeypatch, tmp_path, prepar
     # one place, once a step: the decision all ranks take together (all_max's copy to the host)
     ((where, n),) = extra.items()
     assert "llm/train.py" in where and n == 4, extra
+
+
+def test_bf16_without_zero_runs_every_product_in_bf16_on_the_gpu(tmp_path, prepared_dir, tokenizer_dir):
+    # the DeepSpeed engine enters the autocast itself (`torch_autocast` in deepspeed.json): entered around the
+    # engine instead, it is switched off there on a GPU (not on a CPU, where test_train checks the same)
+    quiet = {"max_steps": 2, "eval_every": 0, "ckpt_every_steps": 0, "deterministic": False}
+    sections = {"train": quiet, "deepspeed": {"stage": 0, "precision": "bf16"}}
+    with MatmulDtypes() as seen:
+        train(make_cfg(tmp_path, prepared_dir, tokenizer_dir, "bf16", **sections))
+    assert set(seen.dtypes) == {"torch.bfloat16"}, seen.dtypes

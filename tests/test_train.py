@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
-from helpers import records
+from helpers import MatmulDtypes, records
 
 import llm.train as train_mod
 from llm.checkpoint import MARKER, CheckpointError, Checkpoints
@@ -267,11 +267,15 @@ def test_bf16_under_zero_trains(cfg_factory, stage):
 
 
 def test_bf16_without_zero_autocasts_over_fp32_weights(cfg_factory):
-    # torch.autocast: the matmuls in bf16 (losses near fp32's but not equal), weights and optimizer in fp32 (the
-    # checkpoint holds fp32 weights), no DeepSpeed bf16 wrapper (test_syncs: no host reads of its own)
-    steps = {"max_steps": 4, "ckpt_every_steps": 4}
+    # torch.autocast, entered by the DeepSpeed engine at each forward (entered around it, the engine would turn
+    # it off on a GPU): every matrix product in bf16, forward and backward, training and evaluation (losses near
+    # fp32's but not equal); weights and optimizer in fp32 (the checkpoint holds fp32 weights); no DeepSpeed
+    # bf16 wrapper (test_syncs: no host reads of its own)
+    steps = {"max_steps": 4, "ckpt_every_steps": 4, "peak_tflops": 1.0}  # the peak given: no fp32 measurement
     fp32 = train(cfg_factory("fp32", train=steps))
-    bf16 = train(cfg_factory("bf16", deepspeed={"stage": 0, "precision": "bf16"}, train=steps))
+    with MatmulDtypes() as seen:
+        bf16 = train(cfg_factory("bf16", deepspeed={"stage": 0, "precision": "bf16"}, train=steps))
+    assert set(seen.dtypes) == {"torch.bfloat16"}, seen.dtypes
     a, b = records(fp32["run_dir"]), records(bf16["run_dir"])
     assert a.keys() == b.keys() and a != b and all(abs(a[k] - b[k]) < 0.05 for k in a), (a, b)
     states = torch.load(
