@@ -1,6 +1,6 @@
 """Compile every Triton kernel, in every configuration its launcher can choose, for a GPU target, without a GPU.
 
-    python -m kernels.compile_check [--arch 90] [--arch 80] [--arch 89] [--json PATH]
+    python -m llm.kernels.compile_check [--arch 90] [--arch 80] [--arch 89] [--json PATH]
 
 Every attention variant a model launches (causal or not, with or without documents; bf16 at head dims 32, 64
 and 128 (80 and 96 compile as 128), fp16 and fp32 at 128; the delta preprocess), for sm_90, sm_80 and sm_89
@@ -20,14 +20,13 @@ Must run with TRITON_INTERPRET unset: interpreted kernels cannot be compiled.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-from kernels.dispatch import FP_FUSION
+from .dispatch import FP_FUSION
 
 # bytes of shared memory per block (opt-in maximum): H100/H200, A100, L40S/RTX 4090 (as sm_86 and sm_120)
 SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376}
@@ -97,8 +96,9 @@ def _attrs(fn, signature: dict) -> dict:
 
 
 def _modules():
-    # import_module: `kernels.attention` the attribute is the function, the module is only in sys.modules
-    return importlib.import_module("kernels.attention"), importlib.import_module("kernels.norm")
+    from . import attention, norm
+
+    return attention, norm
 
 
 def jobs(archs: list[int]) -> list[tuple]:

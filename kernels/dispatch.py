@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-log = logging.getLogger("kernels")
+log = logging.getLogger("llm.kernels")
 _logged: set[tuple[str, str]] = set()
 IMPLS = ("auto", "triton", "torch")
 # every launch asks for fused multiply-adds: Triton's default until 3.9, which warns that 3.10 turns them off

@@ -20,7 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import FP_FUSION, choose
+from .dispatch import FP_FUSION, choose
 
 try:
     import triton

@@ -1,7 +1,7 @@
 """A GPT-style decoder: embeddings -> N x Block(norm, attention, norm, MLP) -> norm -> head.
 
 Options cover GPT-2 (LayerNorm, learned positions, GELU MLP, biases, tied embeddings) and Llama (RMSNorm,
-RoPE, SwiGLU, no biases, grouped-query attention). Attention and norms go through `kernels`, which runs
+RoPE, SwiGLU, no biases, grouped-query attention). Attention and norms go through `llm.kernels`, which runs
 the fused Triton kernels on CUDA and the PyTorch references elsewhere. This file holds only the math.
 """
 
@@ -13,8 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
 from llm.config import ModelConfig
+from llm.kernels.attention import attention
+from llm.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from llm.kernels.norm import layer_norm, rms_norm
 
 IGNORE = -100  # a target that contributes no loss (F.cross_entropy's default ignore_index)
 
@@ -44,8 +46,8 @@ class Norm(nn.Module):
         if residual is not None and x.dtype != residual.dtype:  # autocast: a bf16 branch joins the fp32 stream
             x = x.to(residual.dtype)
         if self.kind == "rmsnorm":
-            return kernels.rms_norm(x, self.weight, self.eps, residual=residual, impl=self.impl)
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, impl=self.impl)
+            return rms_norm(x, self.weight, self.eps, residual=residual, impl=self.impl)
+        return layer_norm(x, self.weight, self.bias, self.eps, residual=residual, impl=self.impl)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +90,7 @@ class Attention(nn.Module):
         if cache is not None:
             y = cache.attend(q, k, v)
         else:
-            y = kernels.attention(q, k, v, causal=True, doc_ids=doc_ids, impl=self.impl)  # (B, Hq, T, D)
+            y = attention(q, k, v, causal=True, doc_ids=doc_ids, impl=self.impl)  # (B, Hq, T, D)
         return self.dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -142,7 +144,7 @@ class Head(nn.Linear):
     def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
             return F.linear(h, self.weight)[..., : self.vocab_size]
-        loss = kernels.linear_cross_entropy if self.fused else kernels.linear_cross_entropy_ref
+        loss = linear_cross_entropy if self.fused else linear_cross_entropy_ref
         return loss(h.reshape(-1, h.size(-1)), self.weight, targets.reshape(-1), self.vocab_size, IGNORE)
 
 

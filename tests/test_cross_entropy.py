@@ -8,8 +8,8 @@ import torch
 from helpers import MatmulDtypes
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels.cross_entropy import chunk_tokens, linear_cross_entropy, linear_cross_entropy_ref
 from llm.config import ModelConfig
+from llm.kernels.cross_entropy import chunk_tokens, linear_cross_entropy, linear_cross_entropy_ref
 from llm.model import GPT
 
 # (dtype, loss tolerance, gradient tolerance relative to the largest gradient)

@@ -11,14 +11,15 @@ with a wrong mask, scale or formula is off by 1e-1 or more.
 import contextlib
 import logging
 import os
-import sys
 
 import pytest
 import torch
 from bf16_shim import bf16_interpreter
 
-from kernels import attention, attention_ref, layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
-from kernels.attention import _attention_op
+from llm.kernels import attention as attention_module
+from llm.kernels import dispatch
+from llm.kernels.attention import _attention_op, attention, attention_ref
+from llm.kernels.norm import _norm_op, layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter tests (TRITON_INTERPRET=0 runs the GPU tests)"
@@ -136,7 +137,7 @@ def poisoned(x: torch.Tensor, where: torch.Tensor, value: float) -> torch.Tensor
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # poisoned scores, masked after
 def test_the_gpu_block_sizes_match_float64_and_nothing_leaks(monkeypatch, arch, dtype, D):
-    monkeypatch.setattr(sys.modules["kernels.attention"], "_arch", lambda x: arch)
+    monkeypatch.setattr(attention_module, "_arch", lambda x: arch)
     T, g = 200, torch.Generator().manual_seed(arch or 0)  # 200: several tiles of every size, a ragged last one
     q, k, v, do = (torch.randn(1, h, T, D, generator=g).to(dtype) for h in (2, 1, 1, 2))  # 2 query heads per key
     # causal: rows before m must not see keys at or after m (m inside a tile, not on its edge); the poison is
@@ -175,7 +176,7 @@ def test_the_gpu_block_sizes_match_float64_and_nothing_leaks(monkeypatch, arch, 
 @pytest.mark.parametrize("arch, dtype", TABLES[:3], ids=str)
 def test_unsorted_and_repeated_document_ids_match_the_reference(monkeypatch, arch, dtype):
     # a document id that comes back after another (0 ... 1 ... 0) is one document: its tokens see each other
-    monkeypatch.setattr(sys.modules["kernels.attention"], "_arch", lambda x: arch)
+    monkeypatch.setattr(attention_module, "_arch", lambda x: arch)
     T, g = 230, torch.Generator().manual_seed(1)
     doc_ids = torch.tensor([[0] * 40 + [1] * 70 + [0] * 30 + [2] * 60 + [1] * 30, [0] * T])
     doc_ids[1] = torch.randint(0, 3, (T,), generator=g)  # interleaved at random
@@ -188,7 +189,7 @@ def test_unsorted_and_repeated_document_ids_match_the_reference(monkeypatch, arc
 def test_unequal_block_sizes_split_the_loops_right_on_every_row(monkeypatch, blocks):
     # BLOCK_M != BLOCK_N, T a multiple of neither: the causal and full loops' unmasked/masked split, every row's
     # output and every gradient; with packed documents too (their ranges come from tile_ranges)
-    monkeypatch.setattr(sys.modules["kernels.attention"], "config", lambda *a, **k: (*blocks, 4, 1))
+    monkeypatch.setattr(attention_module, "config", lambda *a, **k: (*blocks, 4, 1))
     g = torch.Generator().manual_seed(sum(blocks))
     q, k, v, do = (torch.randn(1, h, 231, 32, generator=g) for h in (2, 1, 1, 2))
     for causal, docs in ((True, None), (False, None), (False, sorted_docs(1, 231, n_docs=4))):
@@ -263,8 +264,6 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(
         _attention_op, (q, k, v, sorted_docs(1, 33), True, 0.17), test_utils=("test_schema", "test_faketensor")
     )
-    from kernels.norm import _norm_op
-
     torch.library.opcheck(
         _norm_op,
         (torch.randn(5, 40), torch.randn(40), torch.randn(40), torch.randn(5, 40), 1e-5, False),
@@ -288,10 +287,8 @@ def test_dispatch_is_explicit_and_logged(caplog):
         attention(q, q, q, impl="triton")
     with pytest.raises(ValueError, match="impl must be one of auto, triton, torch"):
         attention(q, q, q, impl="cuda")
-    with caplog.at_level(logging.INFO, logger="kernels"):
-        import kernels.dispatch
-
-        kernels.dispatch._logged.clear()
+    with caplog.at_level(logging.INFO, logger="llm.kernels"):
+        dispatch._logged.clear()
         x = torch.randn(4, 8)
         for _ in range(3):
             layer_norm(x, torch.ones(8))  # CPU tensors: "auto" takes the reference
@@ -388,7 +385,7 @@ def test_what_the_document_ids_give_is_computed_once_per_step(monkeypatch, impl)
     from llm.config import ModelConfig
     from llm.model import GPT
 
-    attn = sys.modules["kernels.attention"]  # the package's `attention` is the function
+    attn = attention_module
     calls = {"mask": 0, "ranges": 0, "int32": 0}
     for name, key in (("attention_mask", "mask"), ("tile_ranges", "ranges"), ("_int32_ids", "int32")):
         original = getattr(attn, name)

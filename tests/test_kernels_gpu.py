@@ -50,7 +50,7 @@ def test_packed_and_unsorted_documents_on_gpu(causal):
 @pytest.mark.parametrize("N", [4096, 16384])
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_norms_on_gpu(dtype, N, kind):
-    from kernels import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+    from llm.kernels.norm import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x, r, dy, dh = (torch.randn(4096, N, device="cuda", generator=g).to(dtype) for _ in range(4))
@@ -71,7 +71,7 @@ def test_norms_on_gpu(dtype, N, kind):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_fused_linear_cross_entropy_on_gpu(dtype):
     # gpt2-124m's head at 8 x 1024 tokens against the plain head and loss in float64
-    from kernels import linear_cross_entropy, linear_cross_entropy_ref
+    from llm.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 
     g = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(8192, 768, device="cuda", generator=g).to(dtype)

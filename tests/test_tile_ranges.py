@@ -1,4 +1,4 @@
-"""The document ranges the attention kernels loop over (kernels.attention.tile_ranges), against the mask itself:
+"""The document ranges the attention kernels loop over (llm.kernels.attention.tile_ranges), against the mask itself:
 every visible (query, key) pair lies in a block's range, the tiles it runs unmasked hold only visible pairs
 (a block that crosses T runs none: its positions past T are not pairs), and for packed (non-decreasing)
 document ids the range is tight and the unmasked tiles are all the fully visible ones, so the kernels compute
@@ -7,7 +7,7 @@ no more than the documents require."""
 import pytest
 import torch
 
-from kernels.attention import attention_mask, tile_ranges
+from llm.kernels.attention import attention_mask, tile_ranges
 
 T = 200
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import layer_norm_ref, linear_cross_entropy_ref, rms_norm_ref
+from llm.kernels.cross_entropy import linear_cross_entropy_ref
+from llm.kernels.norm import layer_norm_ref, rms_norm_ref
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -95,8 +95,8 @@ def pass_rows(
     return rows
 
 
-def attention_impls(kernels) -> dict:
-    impls = {"ours": lambda q, k, v, causal: kernels.attention(q, k, v, causal=causal, impl="triton")}
+def attention_impls(attn) -> dict:
+    impls = {"ours": lambda q, k, v, causal: attn.attention(q, k, v, causal=causal, impl="triton")}
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backends = {"sdpa_math": SDPBackend.MATH}
@@ -126,12 +126,12 @@ def attention_impls(kernels) -> dict:
     return impls
 
 
-def bench_attention(kernels, device, dtype, smoke: bool, ceil: dict, reps: int) -> list[dict]:
+def bench_attention(attn, device, dtype, smoke: bool, ceil: dict, reps: int) -> list[dict]:
     rows = []
     seqs = [64] if smoke else [512, 1024, 2048, 4096, 8192, 16384]
     dims = [32] if smoke else [64, 128]
     tokens, width = (256, 64) if smoke else (16384, 2048)
-    for name, fn in attention_impls(kernels).items():
+    for name, fn in attention_impls(attn).items():
         for D in dims:
             for T in seqs:
                 if name == "sdpa_math" and T > 4096:  # T x T scores per head: tens of GB and seconds a call
@@ -178,24 +178,22 @@ def visible_pairs(doc_ids: torch.Tensor) -> int:
     return int((lengths * (lengths + 1) / 2).sum().item())
 
 
-def bench_model_paths(kernels, device, dtype, smoke: bool, ceil: dict, reps: int) -> list[dict]:
+def bench_model_paths(attn, device, dtype, smoke: bool, ceil: dict, reps: int) -> list[dict]:
     """GQA and document-masked causal attention, ours against SDPA (see the module docstring)."""
     F = torch.nn.functional
     B, T, D, (hq, hkv), mean = (1, 64, 16, (2, 1), 12) if smoke else (2, 8192, 128, (32, 8), 1024)
     q = torch.randn(B, hq, T, D, device=device, dtype=dtype, requires_grad=True)
     k, v = (torch.randn(B, hkv, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
     docs = packed_documents(B, T, mean, device)
-    from kernels.attention import attention_mask
-
-    mask = attention_mask(docs, T, True, device)
+    mask = attn.attention_mask(docs, T, True, device)
     causal_pairs, doc_pairs = B * T * (T + 1) // 2, visible_pairs(docs)
     cases = {
-        ("gqa", "ours"): (lambda: kernels.attention(q, k, v, causal=True, impl="triton"), causal_pairs),
+        ("gqa", "ours"): (lambda: attn.attention(q, k, v, causal=True, impl="triton"), causal_pairs),
         ("gqa", "sdpa"): (
             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
             causal_pairs,
         ),
-        ("docs", "ours"): (lambda: kernels.attention(q, k, v, causal=True, doc_ids=docs, impl="triton"), doc_pairs),
+        ("docs", "ours"): (lambda: attn.attention(q, k, v, causal=True, doc_ids=docs, impl="triton"), doc_pairs),
         ("docs", "sdpa_mask"): (
             lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
             doc_pairs,
@@ -225,15 +223,15 @@ def bench_model_paths(kernels, device, dtype, smoke: bool, ceil: dict, reps: int
     return rows
 
 
-def bench_norms(kernels, device, dtype, smoke: bool, ceil: dict, reps: int) -> list[dict]:
+def bench_norms(norm, device, dtype, smoke: bool, ceil: dict, reps: int) -> list[dict]:
     """Each norm alone (x -> y) and as the model runs it (`fused`: the residual added in, y and the sum h out;
     LayerNorm with a bias)."""
     rows = []
     sizes = [256, 1000] if smoke else [1024, 2048, 4096, 8192, 16384]
     tokens = 64 if smoke else 16384
     for op in ("layer_norm", "rms_norm"):
-        ours = getattr(kernels, op)
-        ref = getattr(kernels, f"{op}_ref")
+        ours = getattr(norm, op)
+        ref = getattr(norm, f"{op}_ref")
         impls = {"ours": lambda *a, f=ours, **kw: f(*a, impl="triton", **kw), "torch": ref}
         if CUDA:
             impls["torch_compile"] = torch.compile(ref)
@@ -320,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             print("error: no CUDA device; the full benchmark needs a GPU (use --smoke on CPU)", file=sys.stderr)
             return 2
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
-    import kernels
+    from llm.kernels import attention, norm
 
     device = torch.device("cuda" if CUDA else "cpu")
     dtype = torch.bfloat16 if CUDA else torch.float32  # the interpreter mishandles bf16
@@ -329,9 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir or ROOT / "tools/results" / f"kernels_{name.replace(' ', '_')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     ceil = ceilings(device, dtype, args.smoke)
-    rows = bench_attention(kernels, device, dtype, args.smoke, ceil, reps)
-    rows += bench_model_paths(kernels, device, dtype, args.smoke, ceil, reps)
-    rows += bench_norms(kernels, device, dtype, args.smoke, ceil, reps)
+    rows = bench_attention(attention, device, dtype, args.smoke, ceil, reps)
+    rows += bench_model_paths(attention, device, dtype, args.smoke, ceil, reps)
+    rows += bench_norms(norm, device, dtype, args.smoke, ceil, reps)
     if _liger.missing():
         print(f"Liger-Kernel baselines left out: {_liger.missing()}")
 
