@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import re
 import sys
@@ -43,6 +42,7 @@ from llm.data.shards import (
     write_shard,
 )
 from llm.data.tokenizer import MODEL_FILE, Tokenizer, TokenizerError, train_tokenizer
+from llm.data.workers import worker_pool
 
 STATE_FILE = ".prepare_state.json"
 SEEN_FILE = ".prepare_seen.bin"
@@ -106,8 +106,7 @@ def _results(cfg: PrepareConfig, items: list[list[Segment]], opts: ReadOptions, 
         _init_worker(cfg.tokenizer)
         yield from map(_encode_item, work)
         return
-    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg.tokenizer,)) as pool:
+    with worker_pool(cfg.workers, initializer=_init_worker, initargs=(cfg.tokenizer,)) as pool:
         yield from pool.imap(_encode_item, work, chunksize=1)
 
 
