@@ -31,6 +31,7 @@ from llm.data.shards import ShardError
 from llm.data.tokenizer import Tokenizer
 from llm.lora import add_lora
 from llm.model import GPT, IGNORE
+from llm.rundir import Origin
 
 INIT_RECORD = "init_from.json"
 
@@ -155,13 +156,13 @@ class Finetune:
         record, f = self.run_dir / INIT_RECORD, self.cfg.finetune
         if record.is_file() and self.cfg.resume != "none":
             saved = json.loads(record.read_text())
-            where = Path(saved["path"].removeprefix(HF_PREFIX))
-            if not where.exists() or fingerprint(saved["path"]) != saved["fingerprint"]:
+            path = Origin.of(self.run_dir).resolve(saved["path"], self.run_dir)  # found again if the tree moved
+            if not Path(path.removeprefix(HF_PREFIX)).exists() or fingerprint(path) != saved["fingerprint"]:
                 raise CheckpointError(
                     f"this run was initialised from {saved['path']}, which is gone or has changed since; "
                     "restore it, or start over with resume=none"
                 )
-            return saved["path"]
+            return path
         if f.init_from.startswith(HF_PREFIX):
             path = f.init_from
             if not Path(path[len(HF_PREFIX) :]).is_dir():

@@ -4,7 +4,8 @@ or by srun. DeepSpeed is always the engine (gloo on CPU).
 The loop, top to bottom: set the LR, run the micro-batches (forward, backward), step (skipped if any rank
 saw a non-finite loss), log, evaluate, checkpoint (on schedule, or at the next step boundary after
 SIGUSR1/SIGTERM, then exit). Run directory <runs_dir>/<name>: config.yaml, deepspeed.json, metrics.jsonl,
-checkpoints/, outcome/, wandb/. The process exits with the code of its outcome (llm/outcome.py).
+checkpoints/, outcome/, wandb/, run.json and tokenizer/ (llm/rundir.py: the run stands on its own). The
+process exits with the code of its outcome (llm/outcome.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from llm.optim import build_optimizer, lr_at
 from llm.outcome import Recorder
 from llm.preflight import PreflightError, preflight
 from llm.rng import rng_state, seed_everything, set_rng_state
+from llm.rundir import Origin, keep_tokenizer, resolve_paths
 from llm.slurm import LaunchError
 from llm.tasks import evaluate, make_task, to_device
 
@@ -143,15 +145,18 @@ def train(cfg: Config, recorder: Recorder | None = None, stop: StopSignal | None
 def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -> dict:
     t = cfg.train
     run_dir = run_dir_of(cfg)
-
+    origin = Origin.of(run_dir)  # relative paths in the settings are relative to where the run first started
+    resolve_paths(cfg, origin, run_dir)
     task = make_task(cfg, env, run_dir)
 
     def prepare_on_rank0() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
+        origin.save(run_dir)
         task.prepare()
 
     D.on_rank0(prepare_on_rank0, (*BAD_INPUT, OSError))
     tok = task.setup()
+    D.on_rank0(lambda: keep_tokenizer(run_dir, tok), (*BAD_INPUT, OSError))  # the run carries its tokenizer
     if t.deterministic:
         # deterministic cuBLAS; PyTorch reads it at the process's first cuBLAS call, which in a fresh process
         # comes later (a process that ran CUDA matmuls before calling train() must set it itself)
@@ -229,6 +234,7 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
             "rng": ranks_rng,
             "config": dataclasses.asdict(cfg),
             "tokenizer_sha256": tok.sha256,
+            "origin": dataclasses.asdict(origin),
             "wandb_run_id": run_id,
             "world_size": env.world_size,
             **task.client(),

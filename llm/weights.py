@@ -7,6 +7,7 @@ the full fp32 weights, ready for a plain `GPT` on one device (generation, evalua
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,6 +19,7 @@ from llm.config import Config
 from llm.data.tokenizer import Tokenizer
 from llm.lora import merge
 from llm.model import GPT
+from llm.rundir import HF_PREFIX, Origin, PathNotFound, run_tokenizer
 
 MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
@@ -57,7 +59,28 @@ def _fp32_weights(tag_dir: Path, states: dict, zero_stage: int) -> dict[str, tor
     return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
 
 
-HF_PREFIX = "hf:"
+
+def _origin(client: dict, run_dir: Path | None) -> Origin:
+    """Where the run was started (checkpoints written before the run recorded it: this directory)."""
+    if "origin" in client:
+        return Origin(**client["origin"])
+    return Origin(os.getcwd(), str((run_dir or Path.cwd()).absolute()))
+
+
+def _tokenizer(cfg: Config, client: dict, run_dir: Path | None, origin: Origin, tag_dir: Path) -> Tokenizer:
+    """The tokenizer a checkpoint was trained with: the run directory's own copy, else the one its settings name
+    (found where the run was started, or where the tree has moved to); checked against the recorded sha256."""
+    sha = client.get("tokenizer_sha256")
+    if run_dir is not None and (tok := run_tokenizer(run_dir, sha)) is not None:
+        return tok
+    try:
+        where = origin.locate(cfg.data.tokenizer, run_dir, "the run's tokenizer")
+    except PathNotFound as e:
+        raise CheckpointError(f"{e} (and the run directory holds no copy of it); restore it there") from None
+    tok = Tokenizer.load(where)
+    if tok.sha256 != sha:
+        raise CheckpointError(f"the tokenizer at {where} is not the one {tag_dir} was trained with (sha256 differs)")
+    return tok
 
 
 def parse_device(name: str, local_rank: int = 0) -> torch.device:
@@ -96,16 +119,16 @@ def load_weights(path: str | Path) -> Weights:
     if not client or "config" not in client:
         raise CheckpointError(f"{tag_dir} was not written by llm.train (no run settings in it)")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), client["config"]))
-    tok = Tokenizer.load(cfg.data.tokenizer)
-    if tok.sha256 != client.get("tokenizer_sha256"):
-        raise CheckpointError(
-            f"the tokenizer at {cfg.data.tokenizer} is not the one {tag_dir} was trained with (its sha256 differs)"
-        )
+    run_dir = tag_dir.parent.parent if tag_dir.parent.name == "checkpoints" else None
+    origin = _origin(client, run_dir)
+    tok = _tokenizer(cfg, client, run_dir, origin, tag_dir)
+    cfg.data.tokenizer = str(tok.directory)
+    cfg.data.paths = [origin.resolve(p, run_dir) for p in cfg.data.paths]  # e.g. what evaluate scores by default
     weights = _fp32_weights(tag_dir, states, Checkpoints.meta(tag_dir)["zero_stage"])
     del states
     prefix = "trunk." if cfg.task == "classify" else ""
     if cfg.lora.rank:  # only the adapters (and a head) were saved: add them to the weights the run started from
-        base = load_weights(client["init_checkpoint"]).weights
+        base = load_weights(origin.resolve(client["init_checkpoint"], run_dir)).weights
         weights = merge({**{prefix + k: v for k, v in base.items()}, **weights}, cfg.lora)
     if cfg.model.tie_embeddings and prefix + "lm_head.weight" not in weights:
         weights[prefix + "lm_head.weight"] = weights[prefix + "wte.weight"]
