@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Refresh requirements.lock to the newest versions pyproject.toml allows, written only if the project passes on them:
+#   bash tools/refresh_lock.sh
+# In a scratch virtual environment (removed afterwards): PyTorch (TORCH_VERSION, default the lock's version), the
+# newest setuptools, this project with its dev extras resolved afresh, then `pip check`, ruff and the whole suite
+# as CI runs it. Only when all of that passes is the lock rewritten from what the environment holds; commit it
+# with the suite's result. PYTHON picks the interpreter (the lock records its version). LOCK_TESTS replaces ruff
+# and the suite with another command (run with the scratch environment first on PATH), LOCK_FILE writes
+# another file: the tests of this script use both.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+lock=${LOCK_FILE:-requirements.lock}
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+"${PYTHON:-python3}" -m venv "$scratch/venv"
+py="$scratch/venv/bin/python"
+torch_version=${TORCH_VERSION:-$(sed -n 's/^torch==//p' requirements.lock)}
+echo "== resolving: torch==$torch_version, the newest setuptools, .[dev]"
+$py -m pip install -q "torch==$torch_version"
+$py -m pip install -q -U setuptools
+$py -m pip install -q --no-build-isolation -e '.[dev]'
+$py -m pip check
+if [ -n "${LOCK_TESTS:-}" ]; then
+  echo "== testing the new versions: $LOCK_TESTS"
+  PATH="$scratch/venv/bin:$PATH" bash -c "$LOCK_TESTS"
+else
+  echo "== testing the new versions: ruff and the suite"
+  "$scratch/venv/bin/ruff" check .
+  LLM_REQUIRE_SLURM=1 $py -m pytest -q
+fi
+{
+  echo "# Exact versions of every package of the CPU environment (the dev and hf extras included), installed by"
+  echo "# tools/setup.sh; refreshed by tools/refresh_lock.sh, which writes it only after the suite passed on them."
+  echo "# python: $($py -c 'import platform; print(platform.python_version().rsplit(".", 1)[0])')"
+  echo "# platform: $($py -c 'import platform; print(platform.system(), platform.machine())')"
+  echo "# made: $(date -u +%F)"
+  # torch without its local label (2.13.0+cpu): the same version of the build each machine has
+  $py -m pip freeze --all --exclude-editable | grep -v '^pip==' | sed 's/^torch==\([^+]*\)+.*/torch==\1/'
+} > "$lock.new"
+mv "$lock.new" "$lock"
+echo "wrote $lock ($(grep -vc '^#' "$lock") packages)"
