@@ -147,3 +147,27 @@ def test_refresh_lock_writes_the_newest_versions_only_when_the_tests_pass_on_the
     for name in ("transformers", "kernels", "deepspeed", "setuptools", "pytest"):
         assert name in pins, name
     assert "pip" not in pins and DIST not in pins
+
+
+@pytest.mark.slow
+def test_gpu_wheels_are_the_locks_versions_for_the_gpu_images_python(tmp_path):
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools/gpu_wheels.py"), "--out", tmp_path], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    lock = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if not line.startswith("#"):
+            name, version = line.split("==")
+            lock[name.lower().replace("_", "-")] = version
+    wheels = {}
+    for w in tmp_path.glob("*.whl"):
+        name, version, *_, python, abi, platform = w.stem.split("-")
+        wheels[name.lower().replace("_", "-")] = version
+        assert (python, abi) in (("py3", "none"), ("cp312", "cp312")), w.name
+        assert platform == "any" or "manylinux" in platform and "x86_64" in platform, w.name
+    assert "deepspeed" in wheels and "hydra-core" in wheels and "pydantic-core" in wheels
+    assert wheels == {name: lock[name] for name in wheels}
+    r = subprocess.run([sys.executable, str(ROOT / "tools/gpu_wheels.py"), "--lock", tmp_path / "none"], text=True,
+                       capture_output=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: [Errno 2] No such file or directory")

@@ -292,3 +292,22 @@ def test_gpu_check_runs_the_steps_asked_for(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "error: unknown step 'bench'; the steps are: tests tune kernels loss train"
     )
+
+
+def test_gpu_check_installs_the_carried_wheels_where_the_image_lacks_deepspeed(tmp_path):
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho 'Fake GPU'\n")
+    log = tmp_path / "calls"
+    (tmp_path / "python").write_text(  # the image without deepspeed: that import fails
+        f'#!/bin/sh\necho "$*" >> {log}\ncase "$*" in *"import deepspeed"*) exit 1;; esac\nexit 0\n'
+    )
+    for f in ("nvidia-smi", "python"):
+        (tmp_path / f).chmod(0o755)
+    (tmp_path / "whl").mkdir()
+    (tmp_path / "whl" / "deepspeed-0.19.8-py3-none-any.whl").write_bytes(b"")
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "PYTHON": str(tmp_path / "python"), "GPU_WHEELS": str(tmp_path / "whl")}
+    r = subprocess.run(["bash", str(ROOT / "tools/gpu_check.sh"), "loss"], env=env, capture_output=True, text=True)
+    calls = log.read_text().splitlines()
+    assert r.returncode == 0, r.stdout + r.stderr
+    install = next(c for c in calls if c.startswith("-m pip install"))
+    assert "--no-index --no-deps" in install and install.endswith(f"{tmp_path}/whl/deepspeed-0.19.8-py3-none-any.whl")
+    assert "tools/check_lock.py --overlap --report" in calls

@@ -9,7 +9,9 @@
 # PYTHON picks the interpreter (default: .venv/bin/python if present, else python3). The kernel steps need
 # torch, triton, numpy, sentencepiece, tqdm and matplotlib; the training benchmark and the GPU synchronisation
 # test also deepspeed and hydra-core (the benchmark is reported as a failure where they are missing, the test
-# skips; they log to metrics.jsonl only, no W&B).
+# skips; they log to metrics.jsonl only, no W&B). Where the image lacks them, the wheels that
+# `python tools/gpu_wheels.py` fetched at the lock's versions into .whl/ (GPU_WHEELS: another folder) are
+# installed into a scratch directory first. The packages whose versions differ from requirements.lock are printed.
 # Liger-Kernel's norms and fused cross-entropy join the benchmarks as baselines where `liger-kernel` is importable
 # (pure Python: `pip download --no-deps liger-kernel -d DIR` on a machine with an index, install from DIR there).
 # Every step runs even when an earlier one fails; the failures are listed at the end (exit 1 if any).
@@ -29,6 +31,14 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+wheels=${GPU_WHEELS:-.whl}
+if [ -d "$wheels" ] && ! "$PYTHON" -c "import deepspeed, hydra" 2>/dev/null; then
+  site=$(mktemp -d)
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl
+  export PYTHONPATH="$PYTHONPATH:$site"
+fi
+echo "== the packages this environment and requirements.lock both have, where their versions differ:"
+"$PYTHON" tools/check_lock.py --overlap --report
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' _)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 failed=()
