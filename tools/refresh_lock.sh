@@ -1,25 +1,21 @@
 #!/usr/bin/env bash
 # Refresh requirements.lock to the newest versions pyproject.toml allows, written only if the project passes on them:
 #   bash tools/refresh_lock.sh
-# In a scratch virtual environment (removed afterwards): PyTorch (TORCH_VERSION, default the lock's version), the
-# newest setuptools, this project with its dev extras resolved afresh, then `pip check`, ruff and the whole suite
-# as CI runs it. Only when all of that passes is the lock rewritten from what the environment holds; commit it
-# with the suite's result. PYTHON picks the interpreter (the lock records its version). LOCK_TESTS replaces ruff
-# and the suite with another command (run with the scratch environment first on PATH), LOCK_FILE writes
-# another file: the tests of this script use both.
+# In a scratch virtual environment (removed afterwards), `tools/setup.sh --unlocked` (PyTorch at TORCH_VERSION,
+# default the lock's version; the newest setuptools; this project with its dev extras resolved afresh; `pip
+# check`), then ruff and the whole suite as CI runs it. Only when all of that passes is the lock rewritten from
+# what the environment holds; commit it with the suite's result. PYTHON picks the interpreter (the lock records
+# its version). LOCK_TESTS replaces ruff and the suite with another command (run with the scratch environment
+# first on PATH), LOCK_FILE writes another file: the tests of this script use both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 lock=${LOCK_FILE:-requirements.lock}
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-"${PYTHON:-python3}" -m venv "$scratch/venv"
 py="$scratch/venv/bin/python"
-torch_version=${TORCH_VERSION:-$(sed -n 's/^torch==//p' requirements.lock)}
-echo "== resolving: torch==$torch_version, the newest setuptools, .[dev]"
-$py -m pip install -q "torch==$torch_version"
-$py -m pip install -q -U setuptools
-$py -m pip install -q --no-build-isolation -e '.[dev]'
-$py -m pip check
+export TORCH_VERSION=${TORCH_VERSION:-$(sed -n 's/^torch==//p' requirements.lock)}
+echo "== resolving: torch==$TORCH_VERSION and the newest versions of everything else (tools/setup.sh --unlocked)"
+VENV="$scratch/venv" bash tools/setup.sh --unlocked
 if [ -n "${LOCK_TESTS:-}" ]; then
   echo "== testing the new versions: $LOCK_TESTS"
   PATH="$scratch/venv/bin:$PATH" bash -c "$LOCK_TESTS"
