@@ -87,6 +87,15 @@ def test_the_preparation_ends_every_time_inside_a_process_with_the_trainings_han
         print("prepared", i + 1, "times; signal received:", stop.received)
         """
     )
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "prepared 20 times; signal received: None" in r.stdout
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the hung workers too
+        proc.communicate()
+        raise AssertionError("the preparation hung (killed after 60 s)") from None
+    assert proc.returncode == 0, err[-2000:]
+    assert "prepared 20 times; signal received: None" in out
