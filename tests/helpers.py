@@ -42,7 +42,12 @@ def make_cfg(tmp_path: Path, prepared_dir: Path, tokenizer_dir: Path, name: str 
 
 
 def records(run_dir, key="train/loss") -> dict[int, float]:
-    return {r["step"]: r[key] for r in read_history(Path(run_dir) / "metrics.jsonl") if key in r}
+    """{step: value} of one metric in a run's history; a history without it fails the test (a comparison of two
+    empty results would pass whatever the runs did)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    found = {r["step"]: r[key] for r in read_history(path) if key in r}
+    assert found, f"{path} holds no {key!r} record: nothing to compare"
+    return found
 
 
 def flip_bytes(path: Path, n: int = 4096) -> None:
@@ -102,16 +107,23 @@ def one_thread():
 
 class MatmulDtypes(TorchDispatchMode):
     """Inside it, `dtypes` counts the input dtypes of every matrix product that runs (mm, addmm, bmm, baddbmm,
-    whatever called it: autocast's casts happen before, so a product autocast missed shows as float32)."""
+    whatever called it: autocast's casts happen before, so a product autocast missed shows as float32), and
+    `attention` those of every attention: torch's scaled-dot-product ops (each backend, forward and backward)
+    and our Triton ops (llm_kernels::attention, ::attention_bwd)."""
 
     PRODUCTS = ("mm", "addmm", "bmm", "baddbmm")
 
     def __init__(self):
         super().__init__()
         self.dtypes = collections.Counter()
+        self.attention = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in self.PRODUCTS:
+        name = func.overloadpacket.__name__
+        if name in self.PRODUCTS:
             operands = args[-2:]  # (bias, a, b) or (a, b): the two multiplied
             self.dtypes.update(str(t.dtype) for t in operands if isinstance(t, torch.Tensor))
+        elif "scaled_dot_product" in name or func.namespace == "llm_kernels":
+            operands = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() == 4]
+            self.attention.update(f"{name}: {t.dtype}" for t in operands)
         return func(*args, **(kwargs or {}))

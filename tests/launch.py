@@ -91,8 +91,10 @@ def start(args, nproc=1, fault: str | None = None, log: Path | None = None) -> s
 
 
 def losses(tmp_path, name, key="train/loss") -> dict[int, float]:
-    history = read_history(tmp_path / "runs" / name / "metrics.jsonl")
-    return {r["step"]: r[key] for r in history if key in r}
+    """{step: value} of a metric of the run <tmp_path>/runs/<name>; none at all fails the test."""
+    from helpers import records
+
+    return records(tmp_path / "runs" / name, key)
 
 
 def outcome(tmp_path, name, since: float | None = None) -> subprocess.CompletedProcess:

@@ -170,7 +170,7 @@ def test_fine_tuning_resumes_on_another_number_of_ranks_and_two_ranks_train_as_o
         assert records(run / one) == records(run / two) and len(records(run / one)) == 6, one
         assert records(run / one, "val/loss") == records(run / two, "val/loss"), one
     assert (run / "sft-chain" / "checkpoints" / "universal").is_dir()
-    assert records(run / "classify", "val/acc") == records(run / "classify-2", "val/acc")
+    assert records(run / "classify", "val/accuracy") == records(run / "classify-2", "val/accuracy")
 
 
 def test_fine_tuning_from_an_exported_directory_is_fine_tuning_from_the_run(base, tmp_path):

@@ -71,3 +71,6 @@ def test_bf16_without_zero_runs_every_product_in_bf16_on_the_gpu(tmp_path, prepa
     with MatmulDtypes() as seen:
         train(make_cfg(tmp_path, prepared_dir, tokenizer_dir, "bf16", **sections))
     assert set(seen.dtypes) == {"torch.bfloat16"}, seen.dtypes
+    # the attention is our Triton op, forward and backward, in bf16
+    assert {key.split(": ")[1] for key in seen.attention} == {"torch.bfloat16"}, seen.attention
+    assert {key.split(": ")[0] for key in seen.attention} == {"attention", "attention_bwd"}, seen.attention

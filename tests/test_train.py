@@ -276,6 +276,12 @@ def test_bf16_without_zero_autocasts_over_fp32_weights(cfg_factory):
     with MatmulDtypes() as seen:
         bf16 = train(cfg_factory("bf16", deepspeed={"stage": 0, "precision": "bf16"}, train=steps))
     assert set(seen.dtypes) == {"torch.bfloat16"}, seen.dtypes
+    # the attention too, forward and backward (CPU: torch's fused SDPA, which the model's reference path calls)
+    assert {key.split(": ")[1] for key in seen.attention} == {"torch.bfloat16"}, seen.attention
+    assert {key.split(": ")[0] for key in seen.attention} >= {
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention_for_cpu_backward",
+    }, seen.attention
     a, b = records(fp32["run_dir"]), records(bf16["run_dir"])
     assert a.keys() == b.keys() and a != b and all(abs(a[k] - b[k]) < 0.05 for k in a), (a, b)
     states = torch.load(
