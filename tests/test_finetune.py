@@ -126,7 +126,13 @@ def test_lora_trains_only_adapters_saves_them_alone_and_merges_exactly(base, tmp
     lora_ckpt = Checkpoints.size(run / "lora" / "checkpoints" / "step_00000006")
     full_ckpt = Checkpoints.size(run / "full" / "checkpoints" / "step_00000006")
     assert lora_ckpt < full_ckpt / 5, (lora_ckpt, full_ckpt)
-    assert whole["val_loss"] < full["val_loss"] * 1.5  # it learned something
+    # it learned: LoRA's B starts at zero, so adapters that do not train score exactly the base model's loss
+    # (measured: base 6.10, LoRA 6.06, full fine-tuning 5.42; the margin is half the LoRA gain)
+    from llm.evaluate import score_sft
+
+    _, base_model, tok = load_model(base["run"])
+    base_val = score_sft(base_model, base["sft_val"], tok, cfg.data.seq_len, 3)["loss"]
+    assert whole["val_loss"] < base_val - 0.02 and full["val_loss"] < whole["val_loss"], (base_val, whole, full)
     # the base weights did not move: the merged model differs from the base only in the adapted projections
     merged, base_w = load_weights(run / "lora").weights, load_weights(base["run"]).weights
     changed = sorted(k for k in base_w if not torch.equal(merged[k], base_w[k]))
