@@ -88,3 +88,37 @@ def test_fused_linear_cross_entropy_on_gpu(dtype):
     for x, r in zip(xs, refs, strict=True):
         assert (x.grad.double() - r.grad).abs().max() <= tol * r.grad.abs().max()
     assert xs[1].grad[50257:].abs().max() == 0
+
+
+def test_kernels_are_bitwise_deterministic_on_gpu():
+    # the interpreter runs programs one after another, so its determinism test cannot fail; here thousands of
+    # programs run at once: GQA's dK/dV over the query heads of a group, documents, the norms' weight gradient
+    # (per-program partial rows, then a sum) and the fused loss must give the same bits every time
+    from llm.kernels.attention import attention
+    from llm.kernels.cross_entropy import linear_cross_entropy
+    from llm.kernels.norm import layer_norm
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(2, h, 2048, 128, device="cuda", generator=g).bfloat16() for h in (16, 4, 4, 16))
+    x, r = (torch.randn(8192, 2048, device="cuda", generator=g).bfloat16() for _ in range(2))
+    w = torch.ones(2048, device="cuda", dtype=torch.bfloat16)
+    hw = (0.02 * torch.randn(50304, 768, device="cuda", generator=g)).bfloat16()
+    hh = torch.randn(4096, 768, device="cuda", generator=g).bfloat16()
+    targets = torch.randint(0, 50257, (4096,), device="cuda", generator=g)
+    docs = sorted_docs(2, 2048).cuda()
+
+    def once() -> list[torch.Tensor]:
+        qkv = [t.clone().requires_grad_() for t in (q, k, v)]
+        attention(*qkv, doc_ids=docs, impl="triton").backward(do)
+        xwr = [t.clone().requires_grad_() for t in (x, w, r)]
+        y, h = layer_norm(xwr[0], xwr[1], residual=xwr[2], impl="triton")
+        (y.float().sum() + h.float().square().sum()).backward()
+        head = [t.clone().requires_grad_() for t in (hh, hw)]
+        loss = linear_cross_entropy(*head, targets, 50257)
+        loss.backward()
+        return [t.grad for t in qkv + xwr + head] + [y, h, loss.detach()]
+
+    first = once()
+    for _ in range(4):
+        again = once()
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
