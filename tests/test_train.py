@@ -82,7 +82,9 @@ def test_the_loop_clips_like_deepspeed(cfg_factory):
     _, loss2, norm2 = run("z2", 2, 0.05)
     assert json.loads((Path(out0["run_dir"]) / "deepspeed.json").read_text())["gradient_clipping"] == 0.0
     assert min(norm0.values()) > 0.05  # the clip acted at every step
-    assert norm0 == pytest.approx(norm2, rel=1e-4) and loss0 == pytest.approx(loss2, rel=1e-5)
+    # the same clipped updates, so bitwise the same losses; the norms are summed in another order (per tensor
+    # then over tensors, against DeepSpeed's flattened buffers): measured 2.3e-7 apart relatively, 2 fp32 ulps
+    assert loss0 == loss2 and norm0 == pytest.approx(norm2, rel=1e-6)
     _, frozen, _ = run("tiny-clip", 0, 1e-12)
     _, free, _ = run("no-clip", 0, 0.0)
     assert abs(frozen[8] - frozen[1]) < 0.01 < free[1] - free[8]
