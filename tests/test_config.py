@@ -250,3 +250,72 @@ def test_the_defaults_and_every_recipe_pass_every_rule():
     validate(Config())
     for recipe in sorted((CONF / "experiment").glob("*.yaml")):
         validate(load(f"experiment={recipe.stem}"), world_size=1, cuda=True)
+
+
+def hydra_literal(value) -> str:
+    """A value as a Hydra command-line override writes it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return "'" + value.replace("'", "\\'") + "'"
+    if isinstance(value, list):
+        return "[" + ",".join(hydra_literal(v) for v in value) + "]"
+    return str(value)
+
+
+# values that the command line turns into valid ones (OmegaConf converts '4' to 4, 'yes', 1 and 2 to true, 3 to
+# '3'): others of the same kind of mistake there
+CLI_BAD = {
+    "model.n_layer": "four",
+    "model.n_embd": "big",
+    "model.tie_embeddings": "maybe",
+    "model.bias": "maybe",
+    "model.fused_loss": "maybe",
+    "data.prepare_if_missing": "maybe",
+    "data.tokenizer_split_digits": "maybe",
+    "deepspeed.offload_optimizer": "cpu",
+    "deepspeed.offload_param": "maybe",
+    "deepspeed.overlap_comm": "maybe",
+    "train.activation_checkpointing": "maybe",
+    "train.compile": "maybe",
+    "train.deterministic": "maybe",
+    "finetune.random_init": "maybe",
+    "finetune.init_from": "[a]",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_every_field_is_refused_by_train_and_the_command_line_in_one_line_writing_nothing(
+    name, tmp_path, monkeypatch, capsys
+):
+    from llm import train as train_module
+
+    monkeypatch.chdir(tmp_path)  # relative settings (runs_dir="", resume="") land here
+    value, message = BAD_VALUES[name]
+    # were the bad value ever accepted, the run would stop at its missing data, not train
+    safe = {"runs_dir": str(tmp_path / "runs"), "data.paths": [str(tmp_path / "none")]}
+    safe["data.prepare_if_missing"] = False
+    cfg = Config()
+    for key, v in {**safe, name: value}.items():
+        *path, leaf = key.split(".")
+        node = cfg
+        for part in path:
+            node = getattr(node, part)
+        setattr(node, leaf, v)
+    with pytest.raises(ConfigError) as e:
+        train_module.train(cfg)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+    # the command line: exit 2, one line naming the field; at most the run's outcome record is written (the
+    # job script reads it: bad input, not to be requeued)
+    overrides = [f"{k}={hydra_literal(v)}" for k, v in safe.items() if k != name]
+    overrides.append(f"{name}={CLI_BAD.get(name, hydra_literal(value))}")
+    with pytest.raises(SystemExit) as exit_:
+        train_module.main(overrides)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert name in err or name.split(".")[-1] in err, err
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert all("/outcome/" in p for p in written), written
