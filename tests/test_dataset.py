@@ -226,6 +226,7 @@ def test_the_data_cursor_follows_the_content_not_the_path(tmp_path, prepared_dir
     ld = BatchLoader(open_windows([prepared_dir], "train", L, seed=0), 8, 4, EOS)
     next(ld), next(ld)
     state = ld.state_dict()
+    expected = global_batches(ld, 3)  # what follows in the original place
     moved = tmp_path / "elsewhere" / "data"
     shutil.copytree(prepared_dir, moved)
     relative = os.path.relpath(moved)  # another spelling of the same place
@@ -233,6 +234,8 @@ def test_the_data_cursor_follows_the_content_not_the_path(tmp_path, prepared_dir
         resumed = BatchLoader(open_windows([path], "train", L, seed=0), 8, 4, EOS)
         resumed.load_state_dict(state)
         assert resumed.samples == 8
+        got = global_batches(resumed, 3)
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
     other = BatchLoader(open_windows([second_dir], "train", L, seed=0), 8, 4, EOS)
     with pytest.raises(ShardError, match="saved data cursor belongs to different data"):
         other.load_state_dict(state)

@@ -56,11 +56,13 @@ def test_a_non_finite_loss_skips_the_step(cfg_factory, monkeypatch):
 
 
 def engine_state(engine) -> list[torch.Tensor]:
-    """Copies of this rank's weights (under ZeRO-3 its partition), fp32 master weights and Adam moments."""
+    """Copies of this rank's weights (under ZeRO-3 its partition), fp32 master weights, Adam moments and Adam's
+    step counts (which set its bias correction: a skipped step must not advance them either)."""
     weights = [getattr(p, "ds_tensor", p.data).detach().clone() for p in engine.module.parameters()]
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
     masters = [k.detach().clone() for k in base.state]  # under ZeRO: the flat fp32 partitions
-    moments = [v.detach().clone() for s in base.state.values() for k, v in sorted(s.items()) if k != "step"]
+    moments = [torch.as_tensor(v).detach().clone() for s in base.state.values() for _, v in sorted(s.items())]
+    assert any("step" in s for s in base.state.values()) or not base.state
     return weights + masters + moments
 
 
