@@ -95,6 +95,9 @@ class Pretrain:
         self.tok = Tokenizer.load(self.cfg.data.tokenizer)
         return self.tok
 
+    def commit(self) -> None:  # rank 0, once setup has checked every input: pretraining records nothing more
+        pass
+
     def build_model(self) -> GPT:
         return build_model(self.cfg, self.tok)
 
@@ -144,13 +147,15 @@ class Finetune:
     def __init__(self, cfg: Config, env: D.DistEnv, run_dir: Path):
         self.cfg, self.env, self.run_dir, self.notes = cfg, env, run_dir, []
         self.lora = cfg.lora.rank > 0
+        self.new_record: dict | None = None  # init_from.json at the run's first start
 
     def prepare(self) -> None:  # rank 0, before the others start: nothing to build
         pass
 
     def resolve_init(self) -> str:
         """The checkpoint to start from (every rank: checking a checkpoint is collective): the one recorded at
-        the run's first start, or, at that start, the one init_from names now (then recorded)."""
+        the run's first start, or, at that start, the one init_from names now (recorded by `commit` once the
+        run's inputs have been checked)."""
         from llm.weights import HF_PREFIX, find_checkpoint
 
         record, f = self.run_dir / INIT_RECORD, self.cfg.finetune
@@ -169,9 +174,12 @@ class Finetune:
                 raise CheckpointError(f"finetune.init_from={f.init_from}: no such directory")
         else:
             path = str(find_checkpoint(f.init_from))
-        if self.env.rank == 0:
-            atomic_write_json(record, {"requested": f.init_from, "path": path, "fingerprint": fingerprint(path)})
+        self.new_record = {"requested": f.init_from, "path": path, "fingerprint": fingerprint(path)}
         return path
+
+    def commit(self) -> None:  # rank 0, once setup has checked every input
+        if self.new_record is not None:
+            atomic_write_json(self.run_dir / INIT_RECORD, self.new_record)
 
     def setup(self) -> Tokenizer:
         from llm.weights import load_weights

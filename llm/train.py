@@ -149,14 +149,16 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
     resolve_paths(cfg, origin, run_dir)
     task = make_task(cfg, env, run_dir)
 
-    def prepare_on_rank0() -> None:
+    D.on_rank0(task.prepare, (*BAD_INPUT, OSError))
+    tok = task.setup()
+
+    def record_on_rank0() -> None:  # once every input has been checked: bad input leaves no record
         run_dir.mkdir(parents=True, exist_ok=True)
         origin.save(run_dir)
-        task.prepare()
+        keep_tokenizer(run_dir, tok)  # the run carries its tokenizer
+        task.commit()
 
-    D.on_rank0(prepare_on_rank0, (*BAD_INPUT, OSError))
-    tok = task.setup()
-    D.on_rank0(lambda: keep_tokenizer(run_dir, tok), (*BAD_INPUT, OSError))  # the run carries its tokenizer
+    D.on_rank0(record_on_rank0, (*BAD_INPUT, OSError))
     if t.deterministic:
         # deterministic cuBLAS; PyTorch reads it at the process's first cuBLAS call, which in a fresh process
         # comes later (a process that ran CUDA matmuls before calling train() must set it itself)

@@ -3,6 +3,7 @@ task=sft or task=classify, from a pretraining run, with or without LoRA."""
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,6 +266,13 @@ def test_random_init_keeps_the_shape_and_tokenizer_but_not_the_weights(base, tmp
 
 
 def test_bad_fine_tuning_input_is_refused_in_one_line_before_training(base, tmp_path):
+    def refused(cfg, error, message):
+        with pytest.raises(error, match=message) as e:
+            train(cfg)
+        assert "\n" not in str(e.value), str(e.value)
+        run_dir = Path(cfg.runs_dir) / cfg.name  # nothing recorded: no init_from.json, run.json, config, metrics
+        assert [p for p in run_dir.rglob("*") if p.is_file()] == [], list(run_dir.rglob("*"))
+
     bad_lines = tmp_path / "bad.jsonl"
     cases = [
         ({"train_file": str(tmp_path / "missing.jsonl")}, ExampleError, "no such file"),
@@ -283,20 +291,18 @@ def test_bad_fine_tuning_input_is_refused_in_one_line_before_training(base, tmp_
     for i, (fields, error, message) in enumerate(cases):
         cfg = ft_cfg(base, tmp_path, f"bad{i}")
         cfg.finetune = replace(cfg.finetune, **fields)
-        with pytest.raises(error, match=message) as e:
-            train(cfg)
-        assert "\n" not in str(e.value)
+        refused(cfg, error, message)
     cfg = ft_cfg(base, tmp_path, "badlabel", task="classify")
     cfg.finetune = replace(cfg.finetune, val_file=write_jsonl(tmp_path / "l.jsonl", [{"text": "x", "label": "other"}]))
-    with pytest.raises(ExampleError, match="label 'other' is not one of the training labels"):
-        train(cfg)
+    refused(cfg, ExampleError, "label 'other' is not one of the training labels")
     cfg = ft_cfg(base, tmp_path, "lora3", deepspeed={"stage": 3})
     cfg.lora = LoraConfig(rank=4)
-    with pytest.raises(ConfigError, match="lora.rank: LoRA runs use deepspeed.stage 0-2"):
-        train(cfg)
+    refused(cfg, ConfigError, "lora.rank: LoRA runs use deepspeed.stage 0-2")
     cfg = ft_cfg(base, tmp_path, "seq", data={"seq_len": 128})  # the base model has 64 positions
-    with pytest.raises(ConfigError, match="data.seq_len: 128 is above model.max_seq_len=64"):
-        train(cfg)
+    refused(cfg, ConfigError, "data.seq_len: 128 is above model.max_seq_len=64")
+    # a corrected start of a refused run takes the init_from given now (nothing was recorded by the refusal)
+    cfg = ft_cfg(base, tmp_path, "bad0", train={"max_steps": 1})
+    assert train(cfg)["outcome"] == "finished"
     # the command line: exit 2, one line, for a bad task setting
     r = run_module("llm.finetune", "lora.rank=4", "lora.targets=[qkv,mlp]", timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: lora.targets: 'mlp' is not one of")
