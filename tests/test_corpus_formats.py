@@ -2,6 +2,7 @@
 zstd-compressed JSONL or text, through the tokenizer trainer and the shard preparation, with one-line errors
 for a damaged file or a missing column."""
 
+import gzip
 import json
 
 import numpy as np
@@ -95,3 +96,29 @@ def test_the_tokenizer_and_the_shards_take_parquet_and_zstd(tmp_path):
     assert manifest["stats"]["documents"] == 120 and manifest["stats"]["files"] == 2
     tokens = np.concatenate([*open_split(tmp_path / "out", "train"), *open_split(tmp_path / "out", "val")])
     assert int((tokens == tok.eos_id).sum()) == 120
+
+
+def test_corrupt_gzip_zstd_and_parquet_fail_in_one_line_naming_the_file(tmp_path):
+    def flipped(data: bytes, at: float) -> bytes:  # 64 bytes inverted, the size kept
+        out, m = bytearray(data), int(len(data) * at)
+        out[m : m + 64] = bytes(b ^ 0xFF for b in out[m : m + 64])
+        return bytes(out)
+
+    packed = {
+        "a.jsonl.gz": gzip.compress(jsonl(DOCS)),
+        "b.jsonl.zst": zstandard.ZstdCompressor().compress(jsonl(DOCS)),
+        # snappy-compressed pages (pyarrow's default): damage inside them is detected; bytes that no read uses
+        # (and, without page checksums, plain uncompressed pages) cannot be
+        "c.parquet": write_parquet(tmp_path / "c.parquet", DOCS[:50]).read_bytes(),
+    }
+    for name, data in packed.items():
+        for at in (0.3, 0.5):
+            path = tmp_path / name
+            path.write_bytes(flipped(data, at))
+            with pytest.raises(CorpusError, match=rf"cannot read {path}: .*the file is truncated or corrupt") as e:
+                read_all([path])
+            assert "\n" not in str(e.value)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(packed["a.jsonl.gz"][: len(packed["a.jsonl.gz"]) // 2])
+    with pytest.raises(CorpusError, match=rf"cannot read {cut}: Compressed file ended before the end-of-stream"):
+        read_all([cut])
