@@ -115,7 +115,9 @@ def test_a_hung_rank_ends_the_job_within_the_collective_timeout(tmp_path, args):
         procs[1].kill()  # what srun or torchrun does to the other tasks once one has failed
         procs[1].wait()
     assert procs[0].returncode == 5
-    assert timeout_s <= waited < timeout_s + 10, waited
+    # the collective timeout, at most one step (0.2 s slowed) before it, and the exit: measured 1.2-1.3 s over
+    # the timeout (2026-12-05); 3 s allowed
+    assert timeout_s <= waited < timeout_s + 3, waited
     line = next(x for x in err.splitlines() if x.startswith("error: rank 0 of 2: a collective failed during"))
     assert f"(Timed out waiting {timeout_s * 1000}ms" in line and "another rank died or hangs" in line
     o = outcome(tmp_path, "hung")
@@ -143,6 +145,11 @@ def test_a_rank_that_never_arrives_fails_the_start_within_the_timeout(tmp_path, 
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     cmd = [sys.executable, "-m", "llm.train", *args("alone", "train.collective_timeout_s=3")]
     t0 = time.time()
+    subprocess.run([*cmd, "--cfg"], cwd=ROOT, env=env, capture_output=True, timeout=120, check=True)
+    start_up = time.time() - t0  # the same imports and config, without training
+    t0 = time.time()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 5 and time.time() - t0 < 60, r.stderr[-2000:]
+    # start-up, the 3 s timeout, then the exit: measured 6.3 s in all with a start-up of about 2 s (2026-12-05)
+    elapsed = time.time() - t0
+    assert r.returncode == 5 and elapsed < start_up + 3 + 3, (elapsed, start_up, r.stderr[-2000:])
     assert "error: rank 0 of 2: the process group did not start (" in r.stderr and "Traceback" not in r.stderr
