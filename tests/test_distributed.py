@@ -21,22 +21,19 @@ def args(tmp_path, prepared_dir, tokenizer_dir):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_resume_on_another_number_of_ranks_is_bitwise_exact(tmp_path, args, stage):
-    # One run in segments on 1, 2 and 1 ranks (resumes 1->2 and 2->1; ZeRO-0 and ZeRO-1 one of the two each, to
-    # spare the suite a launch) against the same run in one go on 1 rank: the same loss at every step. 1 rank x 2
-    # micro-batches sums exactly as 2 ranks x 1 micro-batch; clipping is off because ZeRO-1/2 compute its norm
-    # over partitions (1 ulp apart across world sizes, a difference of summation order, not of resuming).
+    # One run in segments on 1, 2 and 1 ranks (resumes 1->2 and 2->1) against the same run in one go on 1 rank:
+    # the same loss at every step. 1 rank x 2 micro-batches sums exactly as 2 ranks x 1 micro-batch. Clipping
+    # at 0.05 acts at every step (the default 1.0 would hardly act on this model): ZeRO-0 clips in the loop,
+    # ZeRO 1-3 inside DeepSpeed over partitions, and the norms agree bitwise across world sizes too.
     # Same-size resumes: test_train.py (1->1), test_faults.py and test_slurm.py (2->2).
-    # ZeRO-0 clips (in the loop, on the averaged gradients: the same on any number of ranks) at 0.05, which acts
-    # at every step.
-    clip = "optim.grad_clip=0.05" if stage == 0 else "optim.grad_clip=0"
-    common = (f"deepspeed=zero{stage}", clip, "train.ckpt_every_steps=2", "train.eval_every=3")
+    common = (f"deepspeed=zero{stage}", "optim.grad_clip=0.05", "train.ckpt_every_steps=2", "train.eval_every=3")
     if stage == 3:  # wide enough that ZeRO-3 partitions the matrices (below 1e5 elements it keeps them whole)
         common += ("model.n_embd=160",)
     launch(args("whole", *common))
-    segments = {0: (2, 1), 1: (1, 2)}.get(stage, (1, 2, 1))  # ZeRO-2/3 both ways in one run; 0/1 one way each
-    for nproc in segments:
+    assert min(losses(tmp_path, "whole", "train/grad_norm").values()) > 0.05  # the clip acted at every step
+    for nproc in (1, 2, 1):
         t0 = time.time()
-        launch(args("chain", *common, f"train.steps_per_run={6 // len(segments)}"), nproc=nproc)
+        launch(args("chain", *common, "train.steps_per_run=2"), nproc=nproc)
         o = outcome(tmp_path, "chain", since=t0)
         assert o.returncode == 0 and o.stdout.startswith(("paused: stopped after", "finished: reached step 6")), (
             o.stdout
