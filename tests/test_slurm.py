@@ -101,6 +101,33 @@ def test_a_two_task_job_trains_exactly_as_torchrun_does(cluster, submit, tmp_pat
     assert (losses(tmp_path, "job"), losses(tmp_path, "job", "val/loss")) == two_rank_reference
 
 
+def test_llm_submit_queues_a_job_that_trains_as_torchrun_does_and_nothing_on_bad_input(
+    cluster, tmp_path, prepared_dir, tokenizer_dir, two_rank_reference
+):
+    env = {**cluster.env, "PYTHON": SHIM, "REAL_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+
+    def submit(*args):
+        cmd = [sys.executable, "-m", "llm.submit", "--nodes=1", "--gpus-per-node=2", "--cpus-per-task=1", *args]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    args = overrides(tmp_path, prepared_dir, tokenizer_dir, "submitted", *REFERENCE)
+    r = submit("--time=10", *args)
+    run_dir = tmp_path / "runs" / "submitted"
+    m = re.fullmatch(rf"submitted job (\d+): log {run_dir}/slurm-(\d+).out, run directory {run_dir}\n", r.stdout)
+    assert r.returncode == 0 and m and m.group(1) == m.group(2), r.stdout + r.stderr
+    job = int(m.group(1))
+    info = cluster.wait(job)
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert (losses(tmp_path, "submitted"), losses(tmp_path, "submitted", "val/loss")) == two_rank_reference
+    # refused in one line before anything is queued: the next job queued gets the next id
+    r = submit("--time=10", *args, "train.global_batch=7")  # not divisible by 2 ranks x 4 sequences
+    assert r.returncode == 2 and r.stderr.startswith("error: train.global_batch: 7 is not divisible"), r.stderr
+    assert r.stderr.count("\n") == 1 and r.stdout == ""
+    probe = cluster.sbatch("--wrap=true", f"--output={tmp_path}/probe-%j.out", cwd=tmp_path, env=env)
+    assert probe == job + 1
+
+
 def test_preemption_requeues_and_resumes_exactly_up_to_the_requeue_limit(cluster, submit, tmp_path, two_rank_reference):
     run = tmp_path / "runs" / "preempted"
     job = submit("preempted", "logger.wandb=true", fault="slow", env={"LLM_MAX_REQUEUES": "1"})
