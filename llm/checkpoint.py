@@ -148,7 +148,12 @@ class Checkpoints:
             shutil.rmtree(self.dir / "universal" / tag, ignore_errors=True)
         _barrier()
         only = {"exclude_frozen_parameters": True} if trainable_only else {}
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False, **only)
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False, **only)
+        except Exception:
+            if self.rank == 0:  # what was written of it (e.g. on a full disk) gives its space back
+                shutil.rmtree(tag_dir, ignore_errors=True)
+            raise
         _barrier()
         names = [str(p.relative_to(tag_dir)) for p in sorted(tag_dir.rglob("*")) if p.is_file()]
         rank, world = _rank_world()

@@ -20,6 +20,24 @@ def _all_keys(node, prefix="") -> list[str]:
     return out
 
 
+def _check_additions(overrides: list[str]) -> None:
+    """`+key=value` adds a key Hydra does not know: one that is not in the schema (a typo behind the `+`) would be
+    dropped silently when the config becomes the dataclasses, so it is refused like any unknown override."""
+    keys = _all_keys(OmegaConf.to_container(OmegaConf.structured(Config)))
+    known = set(keys) | {k.rsplit(".", i)[0] for k in keys for i in range(1, k.count(".") + 1)}
+    groups = {d.name for d in CONF_DIR.iterdir() if d.is_dir()}
+    for o in overrides:
+        if not o.startswith("+"):
+            continue
+        key = o.lstrip("+").split("=", 1)[0]
+        if key not in known and key not in groups:
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.8)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(
+                f"bad override: {o}: {key!r} is not a setting{hint} (`python -m llm.train --cfg` prints every key)"
+            )
+
+
 def load_config(overrides: list[str]) -> Config:
     """Compose conf/config.yaml with the overrides; a bad override raises ConfigError in one line."""
     from hydra import compose, initialize_config_dir
@@ -27,6 +45,7 @@ def load_config(overrides: list[str]) -> Config:
     from omegaconf.errors import OmegaConfBaseException
 
     register()
+    _check_additions(overrides)
     try:
         with initialize_config_dir(str(CONF_DIR), version_base=None):
             return to_config(compose("config", overrides))

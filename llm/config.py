@@ -223,6 +223,8 @@ def _weights(v: list) -> str | None:
 def _run_name(v: str) -> str | None:
     if not v.strip() or v in (".", "..") or "/" in v or "\\" in v:
         return f"{v!r} must be a single directory name (no '/', not '.' or '..')"
+    if len(v.encode()) > 255:
+        return f"{v[:20]!r}... is {len(v.encode())} bytes long; a directory name has at most 255"
     return None
 
 

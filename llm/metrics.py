@@ -9,15 +9,18 @@ configured, or not at all; its run id is kept in checkpoints so a resumed run co
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from llm.config import LoggerConfig
+from llm.storage import storage_error
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' spec sheets, by a fragment of the
 # device name; the longest matching fragment wins (an "H100 PCIe" must not take the SXM "H100" entry).
@@ -113,9 +116,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.path = Path(run_dir) / "metrics.jsonl"
+        torn = end_torn_line(self.path)
         self.file = open(self.path, "a")
-        self.file.write(json.dumps({"step": start_step, "event": "start", "time": time.time(), **start_info}) + "\n")
-        self.file.flush()
+        self._write({"step": start_step, "event": "start", "time": time.time(), **start_info})
+        if torn:
+            print(f"{self.path}: its last line was cut short (a full disk?): ended it; it is skipped", file=sys.stderr)
         if cfg.wandb:
             import wandb
 
@@ -144,8 +149,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **{k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self._write(record)
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
         shown = {
@@ -168,6 +172,13 @@ class MetricsLogger:
         if self.bar.disable:  # no terminal (a batch job's log): one line per record instead of a bar
             print(f"step {step}: " + " ".join(f"{k}={v}" for k, v in post.items()), file=sys.stderr, flush=True)
 
+    def _write(self, record: dict) -> None:
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise storage_error(self.path, e) or e from None
+
     def advance(self, steps: int = 1) -> None:
         if self.enabled:
             self.bar.update(steps)
@@ -186,15 +197,33 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
+def end_torn_line(path: Path) -> bool:
+    """End a last line that a write cut short (a full disk, a killed process), so that the next record starts a
+    line of its own; True if there was one."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb+") as fh:
+        fh.seek(-1, os.SEEK_END)
+        if fh.read(1) == b"\n":
+            return False
+        fh.write(b"\n")
+    return True
+
+
 def read_history(path: str | Path) -> list[dict]:
     """The records of metrics.jsonl as the run's history. The file is only ever appended to; every start of
     the training writes an `"event": "start"` record at the step it starts from, which supersedes records of
-    later steps written before it (by an attempt that died after its last checkpoint)."""
+    later steps written before it (by an attempt that died after its last checkpoint). A line that is not a
+    whole record (a write cut short) is skipped, with a warning naming it."""
     history: list[dict] = []
-    for line in Path(path).read_text().splitlines():
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except ValueError:
+            warnings.warn(f"{path}:{n}: skipped a line that is not a whole record: {line[:40]!r}", stacklevel=2)
+            continue
         if record.get("event") == "start":
             history = [r for r in history if r["step"] <= record["step"]]
         else:

@@ -17,6 +17,7 @@ launcher (`--since` the launch's start time, so an older launch's records are ne
 | 3    | nonfinite     | repeated non-finite losses; names the last good checkpoint  | stop, lower the LR    |
 | 4    | interrupted   | SIGUSR1/SIGTERM: checkpoint saved at the next step          | requeue / rerun       |
 | 5    | rank_failure  | a rank died or hung (collective failed or timed out)        | requeue / rerun       |
+| 6    | storage       | the run directory is full, read-only or cannot be written   | stop, free space      |
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from llm.data.files import atomic_write_json
+from llm.data.files import atomic_write
+from llm.storage import StorageError, check_writable
 
 CODES = {
     "finished": 0,
@@ -39,10 +41,22 @@ CODES = {
     "nonfinite": 3,
     "interrupted": 4,
     "rank_failure": 5,
+    "storage": 6,
 }
+RECORD_BYTES = 4096
 # Which rank's outcome explains a launch: the first of these found among its ranks ("killed" is a rank that
 # never recorded an end: SIGKILL, the OOM killer, a lost node).
-PRIORITY = ["bad_input", "nonfinite", "crashed", "killed", "rank_failure", "interrupted", "paused", "finished"]
+PRIORITY = [
+    "bad_input",
+    "storage",
+    "nonfinite",
+    "crashed",
+    "killed",
+    "rank_failure",
+    "interrupted",
+    "paused",
+    "finished",
+]
 
 
 class Recorder:
@@ -60,9 +74,24 @@ class Recorder:
         }
 
     def _write(self, **fields) -> None:
+        """The record, padded to RECORD_BYTES: written whole the first time, then over itself in place, so that the
+        last record still fits on a disk that has filled up since. One that cannot be written at all (the run
+        directory is not writable: the run's own error says so) is a warning, not a second error."""
         self.record.update(fields)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, self.record)
+        text = json.dumps(self.record, indent=2) + "\n"
+        data = text.encode().ljust(RECORD_BYTES) if len(text) < RECORD_BYTES else text.encode()
+        try:
+            if self.path.is_file() and self.path.stat().st_size >= len(data):
+                with open(self.path, "r+b") as fh:
+                    fh.write(data)
+                    fh.truncate()
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(self.path, data)
+        except OSError as e:
+            print(f"warning: cannot record the outcome in {self.path}: {e.strerror or e}", file=sys.stderr)
 
     def start(self, launch: str) -> None:
         self._write(launch=launch, outcome="running", exit_code=None, message="")
@@ -90,9 +119,13 @@ def summarize(run_dir: str | Path, since: float | None = None) -> tuple[int, str
         try:
             records.append(json.loads(path.read_text()))
         except ValueError:
-            continue  # written atomically, so only a foreign file can be unreadable
+            continue  # whole records are written in one write of one page: only a foreign file is unreadable
     records = [r for r in records if since is None or r["started"] >= since]
     if not records:
+        try:  # nothing could be recorded where the run directory cannot be written
+            check_writable(Path(run_dir))
+        except StorageError as e:
+            return CODES["storage"], f"storage: {e}"
         when = f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else ""
         return CODES["crashed"], f"crashed: no outcome recorded in {folder}{when}: the launch failed before starting"
     newest = max(records, key=lambda r: r["started"])

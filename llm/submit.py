@@ -32,6 +32,8 @@ from omegaconf import OmegaConf
 from llm.compose import load_config, run_dir_of
 from llm.config import ConfigError, validate
 from llm.distributed import deepspeed_config
+from llm.outcome import CODES
+from llm.storage import StorageError, check_writable, storage_error
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "slurm"
 
@@ -79,8 +81,13 @@ def job_check(overrides: list[str]) -> None:
     e = os.environ
     name = f"shared.{e.get('SLURM_JOB_ID')}.{e.get('SLURM_RESTART_COUNT', 0)}"
     token = run_dir_of(cfg).resolve() / "rendezvous" / name
-    token.parent.mkdir(parents=True, exist_ok=True)
-    token.write_text(e.get("SLURMD_NODENAME", ""))
+    try:
+        check_writable(token.parent)
+        token.write_text(e.get("SLURMD_NODENAME", ""))
+    except (StorageError, OSError) as problem:
+        problem = problem if isinstance(problem, StorageError) else storage_error(token, problem) or problem
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(CODES["storage"])
     print(token)
 
 

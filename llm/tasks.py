@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from llm import distributed as D
 from llm.checkpoint import MARKER, CheckpointError
-from llm.config import RUNTIME_MODEL_FIELDS, Config, ConfigError, validate
+from llm.config import RUNTIME_MODEL_FIELDS, Config, ConfigError, DataConfig, validate
 from llm.data.dataset import BatchLoader, open_windows
 from llm.data.examples import ExampleLoader, encode_classify, label_set, pack_sft
 from llm.data.files import atomic_write_json
@@ -85,11 +85,13 @@ class Pretrain:
     lora = False
     can_sample = True
 
-    def __init__(self, cfg: Config, env: D.DistEnv):
-        self.cfg, self.env, self.notes = cfg, env, []
+    def __init__(self, cfg: Config, env: D.DistEnv, run_dir: Path):
+        self.cfg, self.env, self.run_dir, self.notes = cfg, env, run_dir, []
 
     def prepare(self) -> None:  # rank 0, before the others start
-        ensure_data(self.cfg.data)
+        origin, default = Origin.of(self.run_dir), DataConfig()  # where the demo's own data goes: built if missing
+        demo = [origin.resolve(p, self.run_dir) for p in default.paths], origin.resolve(default.tokenizer, self.run_dir)
+        ensure_data(self.cfg.data, demo)
 
     def setup(self) -> Tokenizer:
         self.tok = Tokenizer.load(self.cfg.data.tokenizer)
@@ -316,5 +318,5 @@ class Classify(Finetune):
 
 def make_task(cfg: Config, env: D.DistEnv, run_dir: Path):
     if cfg.task == "pretrain":
-        return Pretrain(cfg, env)
+        return Pretrain(cfg, env, run_dir)
     return (SFT if cfg.task == "sft" else Classify)(cfg, env, run_dir)

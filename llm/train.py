@@ -41,6 +41,7 @@ from llm.preflight import PreflightError, preflight
 from llm.rng import rng_state, seed_everything, set_rng_state
 from llm.rundir import Origin, keep_tokenizer, resolve_paths
 from llm.slurm import LaunchError
+from llm.storage import StorageError, check_writable, checkpoint_bytes, explain
 from llm.tasks import evaluate, make_task, to_device
 
 BAD_INPUT = (
@@ -110,6 +111,7 @@ def train(cfg: Config, recorder: Recorder | None = None, stop: StopSignal | None
     and what it was doing."""
     env = D.detect()
     validate(cfg, env.world_size, torch.cuda.is_available())
+    check_writable(run_dir_of(cfg))  # every rank, before anything is written there
     own_stop, stop = stop is None, stop or StopSignal()
     where = {"phase": "start-up", "step": 0}
     try:
@@ -123,7 +125,7 @@ def train(cfg: Config, recorder: Recorder | None = None, stop: StopSignal | None
         where["phase"] = "data preparation"
         return _train(cfg, env, device, where, stop)
     except RuntimeError as e:
-        if isinstance(e, (TrainingStopped, *BAD_INPUT)) or not is_peer_failure(e):
+        if isinstance(e, (TrainingStopped, StorageError, *BAD_INPUT)) or not is_peer_failure(e):
             raise
         reason = re.sub(r"^\[[^\]]*\] ", "", str(e).strip().splitlines()[0])[:200]
         who = f"rank {env.rank} of {env.world_size}"
@@ -166,6 +168,8 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
         torch.use_deterministic_algorithms(True)
     seed_everything(t.seed)  # the same initial weights on every rank
     model = task.build_model()
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    D.on_rank0(lambda: check_writable(run_dir / "checkpoints", checkpoint_bytes(trained)), (StorageError,))
     optimizer = build_optimizer(model, cfg.optim)
     ds_config = D.deepspeed_config(cfg, env.world_size, sum(p.numel() for p in model.parameters()))
     if env.rank == 0:
@@ -349,7 +353,10 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
             elif not weights_finite(engine):
                 raise nonfinite_stop(f"the weights are not finite after step {done}")
             else:
-                saved = f"checkpoint saved to {save(done)}"
+                try:
+                    saved = f"checkpoint saved to {save(done)}"
+                except Exception as e:  # a full or read-only disk says so, in one line
+                    raise explain(e, ckpts.dir) or e from None
                 last_ckpt_time = time.time()
             if stop_now:
                 stopped_by = stop.received or "a signal on another rank"
@@ -385,7 +392,8 @@ deepspeed (zero0 zero1 zero2 zero3 zero3-offload), logger (wandb-offline wandb-o
 experiment (demo gpt2-124m gpt2-350m gpt2-774m llama-1b llama-7b), task (pretrain sft classify: see
 python -m llm.finetune --help), lora (none r8 r16-mlp). --cfg prints the resolved config.
 Exit codes (also in <run_dir>/outcome/, read by `python -m llm.outcome`): 0 finished or paused, 1 crashed,
-2 bad input, 3 non-finite losses, 4 interrupted by a signal (checkpoint saved), 5 a rank died or hung."""
+2 bad input, 3 non-finite losses, 4 interrupted by a signal (checkpoint saved), 5 a rank died or hung,
+6 storage (the run directory is full, read-only or cannot be written)."""
 
 
 def main(argv: list[str] | None = None, usage: str = USAGE) -> None:
@@ -425,6 +433,9 @@ def main(argv: list[str] | None = None, usage: str = USAGE) -> None:
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         code = recorder.end("nonfinite", str(e))
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = recorder.end("storage", str(e))
     except RankFailure as e:
         print(f"error: {e}", file=sys.stderr)
         code = recorder.end("rank_failure", str(e))

@@ -7,6 +7,8 @@ step); an entry ending in `:first` acts only in a Slurm job's first start (not a
     before_marker:0:S   rank 0 dies after every shard of step S is written, before COMPLETE.json
     before_pointer:0:S  rank 0 dies after COMPLETE.json of step S, before `latest` is moved to it
     slow[=S]            every step takes S seconds longer (default 0.2: so that a test can signal a run mid-way)
+    fill_at_save:R:S    rank R fills the disk as it enters the checkpoint save of step S (a file at LLM_FILL)
+    fill_at_step:R:S    rank R fills the disk as step S starts: that step's metrics record meets a full disk
 """
 
 import io
@@ -28,6 +30,18 @@ def die() -> None:
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     print(f"fault: rank {rank} SIGKILLs itself at {time.time():.3f}", file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fill_disk() -> None:
+    """Write zeros to LLM_FILL until its file system is full (the test frees it by deleting the file)."""
+    with open(os.environ["LLM_FILL"], "wb", buffering=0) as fh:
+        for size in (1 << 20, 1 << 12, 1):  # to the last byte
+            try:
+                while True:
+                    fh.write(b"\0" * size)
+            except OSError:
+                continue
+    print(f"fault: the disk of {os.environ['LLM_FILL']} is full", file=sys.stderr, flush=True)
 
 
 def install(point: str, rank: int, step: int) -> None:
@@ -55,6 +69,24 @@ def install(point: str, rank: int, step: int) -> None:
             return original(self, state_dict, path)
 
         TorchCheckpointEngine.save = save
+    elif point == "fill_at_save":
+        original = DeepSpeedEngine.save_checkpoint
+
+        def save_checkpoint(self, save_dir, tag=None, **kwargs):
+            if mine and tag == llm.checkpoint.tag_for(step):
+                fill_disk()
+            return original(self, save_dir, tag=tag, **kwargs)
+
+        DeepSpeedEngine.save_checkpoint = save_checkpoint
+    elif point == "fill_at_step":
+        original = llm.train.lr_at
+
+        def lr_at(s, *args):
+            if mine and s + 1 == step:
+                fill_disk()
+            return original(s, *args)
+
+        llm.train.lr_at = lr_at
     elif point in ("before_marker", "before_pointer"):
         name = "atomic_write_json" if point == "before_marker" else "atomic_write"
         original = getattr(llm.checkpoint, name)

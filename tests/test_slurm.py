@@ -240,6 +240,15 @@ def test_an_unknown_override_fails_the_job_in_its_first_seconds_without_requeue(
     assert "parameters;" not in log  # rejected by the job script's check, before the training step started
 
 
+def test_a_run_directory_that_cannot_be_written_ends_the_job_without_requeue(cluster, submit, tmp_path):
+    job = submit("nowhere", "runs_dir=/proc/nope")
+    info = cluster.wait(job)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "6:0" and info["Restarts"] == "0", log[-2000:]
+    assert "error: cannot write /proc/nope/nowhere/rendezvous: the path cannot be created; correct runs_dir" in log
+    assert "requeued" not in log and "Traceback" not in log
+
+
 def test_a_two_node_zero3_job_trains_exactly_as_one_node_does(two_nodes, tmp_path, prepared_dir, tokenizer_dir):
     args = overrides(tmp_path, prepared_dir, tokenizer_dir, "two-nodes", *REFERENCE, "deepspeed=zero3")
     resources = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"]

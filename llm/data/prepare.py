@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from llm.config import DataConfig
 from llm.data.corpus import Corpus, CorpusStats, ReadOptions, Segment, read_segment, segment_size
 from llm.data.files import atomic_write, atomic_write_json, sha256_file
 from llm.data.shards import (
@@ -374,11 +375,22 @@ def check_built_tokenizer(data_cfg) -> None:
         )
 
 
-def ensure_data(data_cfg, verbose: bool = True) -> None:
+def ensure_data(data_cfg, demo: tuple[list[str], str] | None = None, verbose: bool = True) -> None:
     """Build the tokenizer and the shards named by a DataConfig from its `corpus` when they are missing
-    (the demo's first run). A complete dataset is left alone."""
+    (the demo's first run). A complete dataset is left alone. `demo` is (paths, tokenizer) where the default
+    corpus may be built: any other missing path with the default corpus is a mistyped or unprepared path, an
+    error, not a place to build the demo's data in (a corpus of one's own is built wherever it is asked to)."""
     if not data_cfg.prepare_if_missing:
         return
+    if demo is not None and list(data_cfg.corpus) == DataConfig().corpus:
+        for path, kind in [(p, "data path") for p in data_cfg.paths] + [(data_cfg.tokenizer, "tokenizer")]:
+            exists = (Path(path) / (MODEL_FILE if kind == "tokenizer" else MANIFEST)).is_file()
+            if not exists and path not in (*demo[0], demo[1]):
+                raise ShardError(
+                    f"{kind} {path} does not exist: prepare it (tools/train_tokenizer.py, tools/prepare_data.py) or "
+                    f"correct the path; only the demo's own {' and '.join((*demo[0], demo[1]))} are built from the "
+                    "default corpus automatically"
+                )
     if (Path(data_cfg.tokenizer) / MODEL_FILE).is_file():
         check_built_tokenizer(data_cfg)
     else:
