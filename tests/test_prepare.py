@@ -292,3 +292,36 @@ def test_a_tokenizer_built_for_other_options_is_refused_before_any_work(tmp_path
         assert "with vocab size 400, split digits true, the config asks for" in str(e.value)
         assert f"delete {data.tokenizer} and {data.paths[0]}" in str(e.value)
     ensure_data(replace(data, corpus=[str(corpus_dir / "doc_0001.txt")], tokenizer_vocab_size=420), verbose=False)
+
+
+def test_a_missing_data_path_is_an_error_unless_it_is_the_demos_own(tmp_path, cfg_factory):
+    # a mistyped data.paths (or data.tokenizer) with the default corpus once had the demo's corpus prepared into
+    # it and trained on without a word; now only the demo's own paths are built, and a corpus of one's own is
+    # built wherever it is asked to
+    from llm.config import DataConfig
+    from llm.data.prepare import ensure_data
+    from llm.data.shards import ShardError
+    from llm.train import train
+
+    cfg = cfg_factory("typo", data={"paths": [str(tmp_path / "dta" / "stdlib")], "prepare_if_missing": True})
+    with pytest.raises(ShardError) as e:
+        train(cfg)
+    assert str(e.value).startswith(f"data path {tmp_path / 'dta' / 'stdlib'} does not exist: prepare it") and (
+        "only the demo's own" in str(e.value) and "\n" not in str(e.value)
+    )
+    assert not (tmp_path / "dta").exists()
+    demo = ([str(tmp_path / "data" / "stdlib")], str(tmp_path / "data" / "tokenizer"))
+    typo = DataConfig(paths=demo[0], tokenizer=str(tmp_path / "data" / "tokenzer"))
+    with pytest.raises(ShardError, match=r"tokenizer .*/data/tokenzer does not exist: prepare it"):
+        ensure_data(typo, demo, verbose=False)
+    assert not (tmp_path / "data").exists()  # refused before building anything
+
+
+def test_an_addition_of_a_key_the_schema_does_not_have_is_refused(tmp_path):
+    from llm.compose import load_config
+    from llm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"bad override: \+train\.max_step=3: 'train\.max_step' is not a setting; "
+                       r"did you mean train\.max_steps\?"):
+        load_config(["+train.max_step=3"])
+    assert load_config(["++train.max_steps=3"]).train.max_steps == 3  # ++ on a key that exists: allowed
