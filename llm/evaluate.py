@@ -54,7 +54,7 @@ def score(
     n_batches = math.ceil(n / batch_size)
     sums = torch.zeros(n_batches, 3, dtype=torch.float64)  # per batch: loss (nats), target tokens, bytes
     nbytes = torch.from_numpy(token_bytes(tok))
-    loader = BatchLoader(windows, batch_size, batch_size, tok.eos_id)
+    loader = BatchLoader(windows, batch_size, batch_size, tok.eos_id, vocab_size=tok.vocab_size)
     for b in range(rank, n_batches, world_size):
         loader.samples = b * batch_size
         batch = next(loader)

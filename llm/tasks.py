@@ -48,11 +48,11 @@ def to_device(batch, device) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(engine, windows, cfg: Config, env: D.DistEnv, device, eos_id: int) -> float:
+def evaluate(engine, windows, cfg: Config, env: D.DistEnv, device, eos_id: int, vocab_size: int | None = None) -> float:
     """Pretraining: the mean loss over the first eval_batches global batches of the val split, the same windows
     every time, whatever the number of ranks."""
     t = cfg.train
-    loader = BatchLoader(windows, t.global_batch, t.micro_batch, eos_id, env.rank, env.world_size)
+    loader = BatchLoader(windows, t.global_batch, t.micro_batch, eos_id, env.rank, env.world_size, vocab_size)
     batches = max(1, min(t.eval_batches, windows.n // t.global_batch))
     engine.eval()
     n = batches * loader.grad_accum
@@ -112,12 +112,13 @@ class Pretrain:
         except ShardError:
             self.val = None  # too little val data for one window
             self.notes.append("val split too small for one window: evaluation is skipped")
-        return BatchLoader(windows, t.global_batch, t.micro_batch, self.tok.eos_id, env.rank, env.world_size)
+        tok = self.tok
+        return BatchLoader(windows, t.global_batch, t.micro_batch, tok.eos_id, env.rank, env.world_size, tok.vocab_size)
 
     def evaluate(self, engine, device, final: bool) -> dict | None:
         if self.val is None:
             return None
-        loss = evaluate(engine, self.val, self.cfg, self.env, device, self.tok.eos_id)
+        loss = evaluate(engine, self.val, self.cfg, self.env, device, self.tok.eos_id, self.tok.vocab_size)
         return {"val/loss": loss, "val/ppl": float(np.exp(min(loss, 50.0)))}
 
     def client(self) -> dict:

@@ -239,3 +239,25 @@ def test_the_data_cursor_follows_the_content_not_the_path(tmp_path, prepared_dir
     other = BatchLoader(open_windows([second_dir], "train", L, seed=0), 8, 4, EOS)
     with pytest.raises(ShardError, match="saved data cursor belongs to different data"):
         other.load_state_dict(state)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_naming_the_shard_and_offset(tmp_path, prepared_dir, cfg_factory):
+    # bytes changed in place (the size kept): the id there is past the vocabulary; the embedding would fail
+    # with an IndexError naming nothing. Every id of every window the run reads is checked (one max a batch)
+    from llm.train import train
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    cfg = cfg_factory("bad-ids", data={"paths": [str(data)]})
+    first = open_windows([data], "train", cfg.data.seq_len, seed=cfg.train.seed)  # what the run reads first
+    shard, offset = first.locate(0, 5)
+    tokens = np.fromfile(shard, dtype="<u2")
+    tokens[offset] = 600 + 5  # the tokenizer has 600 ids
+    tokens.tofile(shard)
+    with pytest.raises(ShardError) as e:
+        train(cfg)
+    assert str(e.value) == (
+        f"{shard}: token {offset:,} is id 605, outside the tokenizer's 600 ids: the shard was changed after it "
+        "was written; find such damage with `tools/prepare_data.py --verify` and re-prepare the data"
+    )
+    assert not list((tmp_path / "runs" / "bad-ids" / "checkpoints").glob("step_*"))  # stopped at the first batch

@@ -97,6 +97,11 @@ class TokenStream:
     def __len__(self) -> int:
         return self.starts[-1]
 
+    def locate(self, position: int) -> tuple[str, int]:
+        """(the shard file, the token's offset in it) of a position of the stream."""
+        i = bisect.bisect_right(self.starts, position) - 1
+        return str(getattr(self.arrays[i], "filename", f"{self.name} shard {i}")), position - self.starts[i]
+
     def read(self, start: int, length: int, out: np.ndarray) -> None:
         """Copy tokens [start, start + length) into `out` (which may have a wider dtype)."""
         i = bisect.bisect_right(self.starts, start) - 1
@@ -149,6 +154,10 @@ class PackedWindows:
         """Fill out[i] (seq_len + 1 tokens) with the window of global sample g[i]."""
         for row, w in enumerate(self.window_ids(np.asarray(g, dtype=np.int64)).tolist()):
             self.stream.read(w * self.seq_len, self.seq_len + 1, out[row])
+
+    def locate(self, g: int, column: int) -> tuple[str, int]:
+        """(shard file, offset) of token `column` of global sample g's window."""
+        return self.stream.locate(int(self.window_ids(np.array([g]))[0]) * self.seq_len + column)
 
     def signature(self) -> dict:
         """What a saved data cursor must match to be resumed: the tokens (by content, not by path), the window
@@ -212,6 +221,10 @@ class Mixture:
                 source.tokens(idx[rows], part)
                 out[rows] = part
 
+    def locate(self, g: int, column: int) -> tuple[str, int]:
+        src, idx = self.source_of(np.array([g], dtype=np.int64))
+        return self.sources[int(src[0])].locate(int(idx[0]), column)
+
     def signature(self) -> dict:
         return {"sources": [s.signature() for s in self.sources], "weights": self.weights, "seed": self.seed}
 
@@ -233,7 +246,9 @@ class BatchLoader:
     """This rank's micro-batches of a stream of global batches, with a resumable global cursor.
 
     Global batch k holds global samples [k*G, (k+1)*G); rank r takes the contiguous part
-    [k*G + r*G/W, k*G + (r+1)*G/W) and serves it as G/(W*micro_batch) micro-batches."""
+    [k*G + r*G/W, k*G + (r+1)*G/W) and serves it as G/(W*micro_batch) micro-batches. With `vocab_size`, every
+    micro-batch's largest id is checked against it (a shard changed after it was written would otherwise
+    crash the embedding with no word of where)."""
 
     def __init__(
         self,
@@ -243,6 +258,7 @@ class BatchLoader:
         eos_id: int,
         rank: int = 0,
         world_size: int = 1,
+        vocab_size: int | None = None,
     ):
         if global_batch % (micro_batch * world_size):
             raise ValueError(
@@ -252,7 +268,7 @@ class BatchLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.windows, self.global_batch, self.micro_batch = windows, global_batch, micro_batch
-        self.eos_id, self.rank, self.world_size = eos_id, rank, world_size
+        self.eos_id, self.rank, self.world_size, self.vocab_size = eos_id, rank, world_size, vocab_size
         self.grad_accum = global_batch // (micro_batch * world_size)
         self.samples = 0  # global samples consumed before the current global batch
         self.micro = 0  # micro-batches of the current global batch already served
@@ -265,6 +281,14 @@ class BatchLoader:
         per_rank = self.global_batch // self.world_size
         start = self.samples + self.rank * per_rank + self.micro * self.micro_batch
         self.windows.tokens(np.arange(start, start + self.micro_batch), self._buf)
+        if self.vocab_size is not None and (top := int(self._buf.max())) >= self.vocab_size:
+            row, column = np.unravel_index(int(self._buf.argmax()), self._buf.shape)
+            path, offset = self.windows.locate(start + int(row), int(column))
+            raise ShardError(
+                f"{path}: token {offset:,} is id {top}, outside the tokenizer's {self.vocab_size} ids: the shard was "
+                "changed after it was written; find such damage with `tools/prepare_data.py --verify` and "
+                "re-prepare the data"
+            )
         self.micro += 1
         if self.micro == self.grad_accum:
             self.micro, self.samples = 0, self.samples + self.global_batch
