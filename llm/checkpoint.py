@@ -81,6 +81,8 @@ def _problem_of(tag_dir: Path, verify_share: Callable[[list[str]], list[str]]) -
         files = {name: (int(e["size"]), str(e["sha256"])) for name, e in meta["files"].items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         return f"{marker} is unreadable or was written without checksums"
+    if TAG.fullmatch(tag_dir.name) and meta.get("step") != int(tag_dir.name.removeprefix("step_")):
+        return f"{tag_dir} holds step {meta.get('step')}, not the one its name says (renamed, or linked from elsewhere)"
     for name, (size, _) in files.items():
         f = tag_dir / name
         if not f.is_file():
@@ -118,8 +120,17 @@ def read_pointer(directory: Path) -> tuple[str | None, str | None]:
 
 
 class Checkpoints:
-    def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0, say: Callable[[str], None] = None):
-        self.dir, self.keep_last, self.rank = Path(directory), keep_last, rank
+    def __init__(
+        self,
+        directory: str | Path,
+        keep_last: int = 3,
+        rank: int = 0,
+        say: Callable[[str], None] = None,
+        run_id: str | None = None,
+    ):
+        """`run_id` identifies the run: `resume=auto` skips a checkpoint that another run wrote (linked or copied
+        here), which records another id."""
+        self.dir, self.keep_last, self.rank, self.run_id = Path(directory), keep_last, rank, run_id
         self.say = say or (lambda msg: print(msg, file=sys.stderr) if rank == 0 else None)
 
     def tags(self) -> list[Path]:
@@ -211,7 +222,7 @@ class Checkpoints:
             if tag and path.name == tag and not path.is_dir():
                 self.say(f"{self.dir / POINTER} names {tag}, which does not exist; ignoring it")
                 continue
-            problem = check_checkpoint(path)
+            problem = check_checkpoint(path) or self._foreign(path)
             if problem is None:
                 return path
             if (path / MARKER).is_file() or path.name == tag:  # `latest` moves only after COMPLETE.json is written
@@ -225,6 +236,13 @@ class Checkpoints:
         if candidates:
             names = ", ".join(p.name for p in candidates)
             self.say(f"{self.dir} holds only interrupted saves ({names}), no checkpoint: starting from step 0")
+        return None
+
+    def _foreign(self, tag_dir: Path) -> str | None:
+        """Why an intact checkpoint is not this run's own (a run id other than this run's), or None."""
+        theirs = Checkpoints.meta(tag_dir).get("run_id")
+        if self.run_id and theirs and theirs != self.run_id:
+            return f"{tag_dir} was written by another run ({theirs}; this run is {self.run_id}): linked or copied here"
         return None
 
     def set_aside(self) -> None:

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,18 +36,20 @@ class PathNotFound(FileNotFoundError):
 
 @dataclass(frozen=True)
 class Origin:
-    """Where a run was first started: its working directory and its run directory then (both absolute)."""
+    """Where a run was first started: its working directory and its run directory then (both absolute), and
+    the run's identity (its checkpoints record it: one linked or copied from another run is not resumed)."""
 
     started_in: str
     run_dir: str
+    run_id: str = ""  # empty in the records of runs started before it was kept
 
     @classmethod
     def of(cls, run_dir: Path) -> Origin:
-        """The run's recorded origin, or (first start) this process's working directory."""
+        """The run's recorded origin, or (first start) this process's working directory and a new identity."""
         record = Path(run_dir) / RECORD
         if record.is_file():
             return cls(**json.loads(record.read_text()))
-        return cls(os.getcwd(), str(Path(run_dir).absolute()))
+        return cls(os.getcwd(), str(Path(run_dir).absolute()), uuid.uuid4().hex[:16])
 
     def save(self, run_dir: Path) -> None:
         """Record the origin at the run's first start (rank 0); later starts keep the first record."""

@@ -147,7 +147,9 @@ def train(cfg: Config, recorder: Recorder | None = None, stop: StopSignal | None
 def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -> dict:
     t = cfg.train
     run_dir = run_dir_of(cfg)
-    origin = Origin.of(run_dir)  # relative paths in the settings are relative to where the run first started
+    origin = [Origin.of(run_dir)]  # relative paths in the settings are relative to where the run first started
+    dist.broadcast_object_list(origin, src=0)  # rank 0's: one identity for a new run
+    origin = origin[0]
     resolve_paths(cfg, origin, run_dir)
     task = make_task(cfg, env, run_dir)
 
@@ -175,7 +177,7 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
     if env.rank == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-    ckpts = Checkpoints(run_dir / "checkpoints", t.keep_last, env.rank)
+    ckpts = Checkpoints(run_dir / "checkpoints", t.keep_last, env.rank, run_id=origin.run_id)
     where["phase"] = "checkpoint verification"
     if cfg.resume == "none":
         ckpts.set_aside()
@@ -246,7 +248,7 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
             **task.client(),
         }
         # under one key: DeepSpeed drops client keys that share a name with its own (e.g. skipped_steps)
-        describe = {"model": dataclasses.asdict(cfg.model), "tokenizer_sha256": tok.sha256}
+        describe = {"model": dataclasses.asdict(cfg.model), "tokenizer_sha256": tok.sha256, "run_id": origin.run_id}
         t0 = time.perf_counter()
         path = ckpts.save(
             engine, step, {"llm": client}, env.world_size, cfg.deepspeed.stage, describe, guard.proven, task.lora

@@ -81,6 +81,19 @@ DAMAGE = {
         4,
         f"{OPTIM_FILE} does not match its sha256 (damaged)",
     ),
+    "a checkpoint under another step's name": (
+        lambda c: (shutil.rmtree(c / "step_00000006"), shutil.copytree(c / "step_00000004", c / "step_00000006")),
+        4,
+        "skipping checkpoint step_00000006: {}/step_00000006 holds step 4, not the one its name says",
+    ),
+    "a checkpoint of another run linked in (same model, data and seed)": (
+        lambda c: (
+            shutil.rmtree(c / "step_00000006"),
+            (c / "step_00000006").symlink_to(c.parent.parent / "whole" / "checkpoints" / "step_00000006"),
+        ),
+        4,
+        "skipping checkpoint step_00000006: {}/step_00000006 was written by another run (",
+    ),
     "COMPLETE.json deleted from the checkpoint `latest` names": (
         lambda c: (c / "step_00000006" / MARKER).unlink(),
         4,

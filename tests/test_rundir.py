@@ -53,7 +53,9 @@ def home(tmp_path_factory, prepared_dir, tokenizer_dir) -> Path:
 
 def test_a_run_records_where_it_started_and_carries_its_tokenizer(home):
     run_dir = home / "runs" / "demo"
-    assert json.loads((run_dir / RECORD).read_text()) == {"started_in": str(home), "run_dir": str(run_dir)}
+    record = json.loads((run_dir / RECORD).read_text())
+    assert record == {"started_in": str(home), "run_dir": str(run_dir), "run_id": record["run_id"]}
+    assert len(record["run_id"]) == 16
     assert Tokenizer.load(run_dir / TOKENIZER_DIR).sha256 == Tokenizer.load(home / "data" / "tok").sha256
     saved = (run_dir / "config.yaml").read_text()
     assert f"- {home / 'data' / 'prep'}\n" in saved and f"tokenizer: {home / 'data' / 'tok'}\n" in saved
