@@ -36,10 +36,11 @@ from llm.faults import NonFiniteGuard, RankFailure, StopSignal, TrainingStopped,
 from llm.metrics import DevicePeak, MetricsLogger, new_run_id
 from llm.model import GPT
 from llm.optim import build_optimizer, lr_at
-from llm.outcome import Recorder
+from llm.outcome import CODES, Recorder
 from llm.preflight import PreflightError, preflight
 from llm.rng import rng_state, seed_everything, set_rng_state
 from llm.rundir import Origin, keep_tokenizer, resolve_paths
+from llm.runlock import RunLock, RunLocked
 from llm.slurm import LaunchError
 from llm.storage import StorageError, check_writable, checkpoint_bytes, explain
 from llm.tasks import evaluate, make_task, to_device
@@ -113,11 +114,15 @@ def train(cfg: Config, recorder: Recorder | None = None, stop: StopSignal | None
     validate(cfg, env.world_size, torch.cuda.is_available())
     check_writable(run_dir_of(cfg))  # every rank, before anything is written there
     own_stop, stop = stop is None, stop or StopSignal()
-    where = {"phase": "start-up", "step": 0}
+    where, lock = {"phase": "start-up", "step": 0}, None
     try:
         device = D.init(env, cfg.train.collective_timeout_s, run_dir_of(cfg) / "rendezvous")
         launch = [uuid.uuid4().hex[:12]]
         dist.broadcast_object_list(launch, src=0)  # one id on every rank: which outcome records belong together
+        lock = RunLock(run_dir_of(cfg), launch[0])
+        D.on_rank0(lock.acquire, (RunLocked, OSError))  # before anything of this launch is written there
+        if lock.note:
+            print(lock.note, file=sys.stderr)
         if recorder is not None:
             recorder.start(launch[0])
         where["phase"] = "pre-flight"
@@ -125,7 +130,7 @@ def train(cfg: Config, recorder: Recorder | None = None, stop: StopSignal | None
         where["phase"] = "data preparation"
         return _train(cfg, env, device, where, stop)
     except RuntimeError as e:
-        if isinstance(e, (TrainingStopped, StorageError, *BAD_INPUT)) or not is_peer_failure(e):
+        if isinstance(e, (TrainingStopped, StorageError, RunLocked, *BAD_INPUT)) or not is_peer_failure(e):
             raise
         reason = re.sub(r"^\[[^\]]*\] ", "", str(e).strip().splitlines()[0])[:200]
         who = f"rank {env.rank} of {env.world_size}"
@@ -140,6 +145,8 @@ def train(cfg: Config, recorder: Recorder | None = None, stop: StopSignal | None
             "checkpoint is intact, resume to continue"
         ) from e
     finally:
+        if lock is not None and env.rank == 0:
+            lock.release()
         if own_stop:
             stop.restore()
 
@@ -438,6 +445,9 @@ def main(argv: list[str] | None = None, usage: str = USAGE) -> None:
     except StorageError as e:
         print(f"error: {e}", file=sys.stderr)
         code = recorder.end("storage", str(e))
+    except RunLocked as e:  # the outcome records are the running launch's: this one leaves them alone
+        print(f"error: {e}", file=sys.stderr)
+        code = CODES["bad_input"]
     except RankFailure as e:
         print(f"error: {e}", file=sys.stderr)
         code = recorder.end("rank_failure", str(e))
