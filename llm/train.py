@@ -42,7 +42,7 @@ from llm.rng import rng_state, seed_everything, set_rng_state
 from llm.rundir import Origin, keep_tokenizer, resolve_paths
 from llm.runlock import RunLock, RunLocked
 from llm.slurm import LaunchError
-from llm.storage import StorageError, check_writable, checkpoint_bytes, explain
+from llm.storage import StorageError, check_writable, checkpoint_bytes, explain, storage_error
 from llm.tasks import evaluate, make_task, to_device
 
 BAD_INPUT = (
@@ -182,8 +182,11 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
     optimizer = build_optimizer(model, cfg.optim)
     ds_config = D.deepspeed_config(cfg, env.world_size, sum(p.numel() for p in model.parameters()))
     if env.rank == 0:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        try:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        except OSError as e:
+            raise storage_error(run_dir, e) or e from None
     ckpts = Checkpoints(run_dir / "checkpoints", t.keep_last, env.rank, run_id=origin.run_id)
     where["phase"] = "checkpoint verification"
     if cfg.resume == "none":
