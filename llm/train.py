@@ -465,6 +465,8 @@ def main(argv: list[str] | None = None, usage: str = USAGE) -> None:
             "interrupted": f"stopped by {summary['stopped_by']} at step {step}; resume to continue",
         }
         code = recorder.end(how, messages[how], step)
+    finally:  # the outcome is recorded: the caller's handlers again (main() called in-process leaves none behind)
+        stop.restore()
     sys.exit(code)
 
 

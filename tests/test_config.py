@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -312,8 +313,10 @@ def test_every_field_is_refused_by_train_and_the_command_line_in_one_line_writin
     # job script reads it: bad input, not to be requeued)
     overrides = [f"{k}={hydra_literal(v)}" for k, v in safe.items() if k != name]
     overrides.append(f"{name}={CLI_BAD.get(name, hydra_literal(value))}")
+    handlers = [signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)]
     with pytest.raises(SystemExit) as exit_:
         train_module.main(overrides)
+    assert [signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)] == handlers  # left as they were
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
     assert name in err or name.split(".")[-1] in err, err

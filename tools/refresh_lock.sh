@@ -6,12 +6,17 @@
 # check`), then ruff and the whole suite as CI runs it. Only when all of that passes is the lock rewritten from
 # what the environment holds; commit it with the suite's result. PYTHON picks the interpreter (the lock records
 # its version). LOCK_TESTS replaces ruff and the suite with another command (run with the scratch environment
-# first on PATH), LOCK_FILE writes another file: the tests of this script use both.
+# first on PATH), LOCK_FILE writes another file, LOCK_VENV keeps the environment in that folder (reused when it
+# is there): the tests of this script use all three.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 lock=${LOCK_FILE:-requirements.lock}
-scratch=$(mktemp -d)
-trap 'rm -rf "$scratch"' EXIT
+if [ -n "${LOCK_VENV:-}" ]; then
+  scratch=$LOCK_VENV
+else
+  scratch=$(mktemp -d)
+  trap 'rm -rf "$scratch"' EXIT
+fi
 py="$scratch/venv/bin/python"
 export TORCH_VERSION=${TORCH_VERSION:-$(sed -n 's/^torch==//p' requirements.lock)}
 echo "== resolving: torch==$TORCH_VERSION and the newest versions of everything else (tools/setup.sh --unlocked)"
