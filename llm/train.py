@@ -178,7 +178,9 @@ def _train(cfg: Config, env: D.DistEnv, device, where: dict, stop: StopSignal) -
     seed_everything(t.seed)  # the same initial weights on every rank
     model = task.build_model()
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    D.on_rank0(lambda: check_writable(run_dir / "checkpoints", checkpoint_bytes(trained)), (StorageError,))
+    ckpt_dir = run_dir / "checkpoints"  # (not created yet on a first start: its run directory is checked then)
+    space = lambda: check_writable(ckpt_dir if ckpt_dir.is_dir() else run_dir, checkpoint_bytes(trained))  # noqa: E731
+    D.on_rank0(space, (StorageError,))
     optimizer = build_optimizer(model, cfg.optim)
     ds_config = D.deepspeed_config(cfg, env.world_size, sum(p.numel() for p in model.parameters()))
     if env.rank == 0:

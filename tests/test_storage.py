@@ -117,7 +117,7 @@ def test_too_little_room_for_a_checkpoint_is_refused_before_the_first_step(tmp_p
         r = run(overrides(disk, prepared_dir, tokenizer_dir, "small", *SMALL, "model.n_embd=160"))
         line = one_error_line(r)
         assert r.returncode == 6 and " free, and a checkpoint of this run needs about " in line, r.stderr[-2000:]
-        assert line.startswith(f"error: {disk / 'runs' / 'small' / 'checkpoints'} has ")
+        assert line.startswith(f"error: {disk / 'runs' / 'small'} has ")
         assert not (disk / "runs" / "small" / "metrics.jsonl").exists()
 
 
