@@ -24,6 +24,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 
 import llm.checkpoint
 import llm.train
+import llm.trainer
 
 
 def die() -> None:
@@ -79,14 +80,14 @@ def install(point: str, rank: int, step: int) -> None:
 
         DeepSpeedEngine.save_checkpoint = save_checkpoint
     elif point == "fill_at_step":
-        original = llm.train.lr_at
+        original = llm.trainer.lr_at
 
         def lr_at(s, *args):
             if mine and s + 1 == step:
                 fill_disk()
             return original(s, *args)
 
-        llm.train.lr_at = lr_at
+        llm.trainer.lr_at = lr_at
     elif point in ("before_marker", "before_pointer"):
         name = "atomic_write_json" if point == "before_marker" else "atomic_write"
         original = getattr(llm.checkpoint, name)
@@ -104,13 +105,13 @@ def install(point: str, rank: int, step: int) -> None:
 
 
 def slow_down(seconds: float) -> None:
-    original = llm.train.lr_at
+    original = llm.trainer.lr_at
 
     def lr_at(*args):
         time.sleep(seconds)
         return original(*args)
 
-    llm.train.lr_at = lr_at
+    llm.trainer.lr_at = lr_at
 
 
 def main() -> None:

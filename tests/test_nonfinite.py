@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import records
 
-import llm.train as train_mod
+import llm.trainer as train_mod
 from llm.checkpoint import MARKER, POINTER, SUSPECT, CheckpointError, Checkpoints
 from llm.faults import TrainingStopped
 from llm.model import GPT

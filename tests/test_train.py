@@ -13,7 +13,7 @@ import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 from helpers import MatmulDtypes, records
 
-import llm.train as train_mod
+import llm.trainer as train_mod
 from llm.checkpoint import MARKER, CheckpointError, Checkpoints
 from llm.config import OptimConfig
 from llm.data.tokenizer import Tokenizer

@@ -34,7 +34,7 @@ import _bootstrap  # noqa: F401
 import torch
 from _results import write_json
 
-import llm.train as train_mod
+import llm.trainer as train_mod
 from llm import distributed as D
 from llm.data.dataset import BatchLoader
 from llm.data.prepare import ensure_data
