@@ -1,5 +1,5 @@
-"""The README's recipes run as written: each bash block is taken from the README itself, with the paths moved
-into a temporary directory and the step counts cut down."""
+"""The documented recipes run as written: each bash block is taken from its page in docs/ itself, with the paths
+moved into a temporary directory and the step counts cut down."""
 
 import os
 import re
@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 LICENSES = Path("/usr/share/common-licenses")
 
 
-def readme_block(heading: str) -> str:
-    """The first ```bash block after `heading` in the README, with its line continuations joined."""
-    text = (ROOT / "README.md").read_text()
+def doc_block(heading: str) -> str:
+    """The first ```bash block after `heading` in the page of docs/ that has it, its line continuations joined."""
+    text = next(t for p in sorted((ROOT / "docs").glob("*.md")) if heading in (t := p.read_text()))
     block = re.search(r"```bash\n(.*?)```", text[text.index(heading) :], re.S).group(1)
     return block.replace("\\\n", " ")
 
@@ -23,7 +23,7 @@ def readme_block(heading: str) -> str:
 @pytest.mark.slow
 @pytest.mark.skipif(not LICENSES.is_dir(), reason="needs /usr/share/common-licenses (Debian, Ubuntu)")
 def test_the_character_level_recipe(tmp_path):
-    script = readme_block("### Recipe: a character-level model on a text file")
+    script = doc_block("## Recipe: a character-level model on a text file")
     script = script.replace(".venv/bin/python", sys.executable).replace("tools/", f"{ROOT}/tools/")
     script = script.replace("train.max_steps=2000 train.eval_every=500", "train.max_steps=4 train.eval_every=2")
     script += " logger=none\n"
