@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from llm.config import RUNTIME_MODEL_FIELDS
 from llm.data.files import atomic_write, atomic_write_json
 from llm.distributed import on_rank0
 from llm.ds_patches import repair_zero3_universal_load
@@ -338,3 +339,20 @@ class Checkpoints:
         if universal and zero_stage == 3:
             repair_zero3_universal_load(engine, source)
         return client
+
+
+def check_resumable(meta: dict, model: dict, tokenizer_sha256: str, path: Path) -> None:
+    """Refuse, before loading anything, a checkpoint (its COMPLETE.json `meta`) of another model (the run's
+    `model` settings, as a dict) or tokenizer."""
+    if meta["tokenizer_sha256"] != tokenizer_sha256:
+        raise CheckpointError(
+            f"{path} was trained with tokenizer sha256 {meta['tokenizer_sha256']}, this run uses {tokenizer_sha256}; "
+            "resume with the same tokenizer and data, or resume=none"
+        )
+    saved = meta["model"]
+    for key, value in model.items():
+        if key not in RUNTIME_MODEL_FIELDS and saved.get(key) != value:
+            raise CheckpointError(
+                f"{path} has model.{key}={saved.get(key)}, this run has {value}; resume with the same model "
+                "or resume=none"
+            )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from llm.config import Config
 from llm.slurm import LaunchError, node_name, rendezvous, rendezvous_file
@@ -199,3 +200,14 @@ def deepspeed_config(cfg: Config, world_size: int, n_params: int | None = None) 
         # bf16 without ZeRO (autocast_dtype): the engine runs each forward under torch.autocast
         "torch_autocast": {"enabled": autocast_dtype(cfg) is not None, "dtype": "bfloat16"},
     }
+
+
+def all_max(values: list, device) -> list[float]:
+    """The maximum over ranks of each value (tensors on the device or Python numbers), with one copy to the host:
+    the step's one synchronisation point."""
+    # Python numbers are filled in on the device: copying one there would wait for all the queued work
+    on_device = (v if isinstance(v, torch.Tensor) else torch.full((), float(v), device=device) for v in values)
+    t = torch.stack([v.float().reshape(()) for v in on_device])
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()

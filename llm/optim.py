@@ -69,3 +69,14 @@ def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
         return lr + (floor - lr) * min(1.0, (step - start + 1) / decay_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
     return floor + 0.5 * (lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def grad_norm_of(model: torch.nn.Module, clip: float = 0.0) -> torch.Tensor:
+    """The norm of all gradients, as a tensor on the device; with `clip` > 0 the gradients are also scaled to
+    at most that norm (torch's clip_grad_norm_: one fused pass)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params]))

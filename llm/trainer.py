@@ -23,18 +23,19 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from llm import distributed as D
-from llm.checkpoint import CheckpointError, Checkpoints, check_checkpoint, tag_for
+from llm.checkpoint import CheckpointError, Checkpoints, check_checkpoint, check_resumable, tag_for
 from llm.compose import run_dir_of
-from llm.config import RUNTIME_MODEL_FIELDS, Config, ConfigError
+from llm.config import Config, ConfigError
 from llm.data.corpus import CorpusError
 from llm.data.examples import ExampleError
 from llm.data.shards import ShardError
 from llm.data.tokenizer import Tokenizer, TokenizerError
+from llm.distributed import all_max
 from llm.ds_patches import exclude_tied_frozen_parameters
 from llm.faults import NonFiniteGuard, StopSignal, TrainingStopped, weights_finite
 from llm.metrics import DevicePeak, MetricsLogger, new_run_id
 from llm.model import GPT
-from llm.optim import build_optimizer, lr_at
+from llm.optim import build_optimizer, grad_norm_of, lr_at
 from llm.preflight import PreflightError
 from llm.rng import rng_state, seed_everything, set_rng_state
 from llm.rundir import Origin, keep_tokenizer, resolve_paths
@@ -55,28 +56,6 @@ BAD_INPUT = (
 )
 
 
-def all_max(values: list, device) -> list[float]:
-    """The maximum over ranks of each value (tensors on the device or Python numbers), with one copy to the host:
-    the step's one synchronisation point."""
-    # Python numbers are filled in on the device: copying one there would wait for all the queued work
-    on_device = (v if isinstance(v, torch.Tensor) else torch.full((), float(v), device=device) for v in values)
-    t = torch.stack([v.float().reshape(()) for v in on_device])
-    if dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def grad_norm_of(model: torch.nn.Module, clip: float = 0.0) -> torch.Tensor:
-    """The norm of all gradients, as a tensor on the device; with `clip` > 0 the gradients are also scaled to
-    at most that norm (torch's clip_grad_norm_: one fused pass)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return torch.zeros(())
-    if clip > 0:
-        return torch.nn.utils.clip_grad_norm_(params, clip)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params]))
-
-
 def sample_text(model: GPT, tok: Tokenizer, n_tokens: int, seed: int, device, prompt: str = "def ") -> str:
     model.eval()
     g = torch.Generator(device=device).manual_seed(seed)
@@ -84,22 +63,6 @@ def sample_text(model: GPT, tok: Tokenizer, n_tokens: int, seed: int, device, pr
     out = model.generate(ids, n_tokens, generator=g)
     model.train()
     return tok.decode(out[0].tolist())
-
-
-def check_resumable(meta: dict, cfg: Config, tok: Tokenizer, path: Path) -> None:
-    """Refuse, before loading anything, a checkpoint of another model or tokenizer."""
-    if meta["tokenizer_sha256"] != tok.sha256:
-        raise CheckpointError(
-            f"{path} was trained with tokenizer sha256 {meta['tokenizer_sha256']}, this run uses {tok.sha256}; "
-            "resume with the same tokenizer and data, or resume=none"
-        )
-    saved = meta["model"]
-    for key, value in dataclasses.asdict(cfg.model).items():
-        if key not in RUNTIME_MODEL_FIELDS and saved.get(key) != value:
-            raise CheckpointError(
-                f"{path} has model.{key}={saved.get(key)}, this run has {value}; resume with the same model "
-                "or resume=none"
-            )
 
 
 @dataclass
@@ -257,7 +220,8 @@ class Trainer:
         t0 = time.perf_counter()
         self.resume_from = ckpts.resolve(cfg.resume)
         if self.resume_from is not None:
-            check_resumable(Checkpoints.meta(self.resume_from), cfg, self.tok, self.resume_from)
+            meta, model = Checkpoints.meta(self.resume_from), dataclasses.asdict(cfg.model)
+            check_resumable(meta, model, self.tok.sha256, self.resume_from)
             if Checkpoints.needs_universal(self.resume_from, env.world_size):
                 self.ds_config["checkpoint"] = {"load_universal": True}  # for loading only; saves stay ordinary
         self.load_s = time.perf_counter() - t0  # checking the checkpoint, then (in resume) loading it
