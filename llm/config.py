@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -19,168 +19,13 @@ class ConfigError(ValueError):
     """An invalid setting; the message names the field and the fix."""
 
 
-@dataclass
-class ModelConfig:
-    """A GPT-style decoder. `vocab_size: null` takes the tokenizer's size."""
-
-    name: str = "tiny"
-    vocab_size: int | None = None
-    pad_vocab_to: int = 64  # the embedding and head are padded to a multiple of this (never-used rows)
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None  # grouped-query attention; None = n_head (multi-head)
-    n_embd: int = 128
-    max_seq_len: int = 256
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    norm_eps: float = 1e-5
-    pos: str = "learned"  # learned | rope
-    rope_theta: float = 10000.0
-    mlp: str = "gelu"  # gelu | swiglu
-    gelu: str = "tanh"  # the GELU of mlp=gelu: tanh (GPT-2's approximation, the default) | exact (erf)
-    mlp_hidden: int | None = None  # None: 4 * n_embd for gelu; Llama's 2/3 * 4 * n_embd rounded for swiglu
-    mlp_multiple_of: int = 256  # swiglu hidden size rounding
-    tie_embeddings: bool = True
-    bias: bool = True
-    dropout: float = 0.0
-    doc_mask: bool = True  # attention stays inside each document of a packed window
-    kernels: str = "auto"  # auto | triton | torch: the attention and norm implementation
-    fused_loss: bool = True  # the head and the loss chunked together, never all the logits (kernels/cross_entropy.py)
-
-
-# settings that change how the model computes, not its weights: free to change on resume and fine-tuning
-RUNTIME_MODEL_FIELDS = ("kernels", "dropout", "fused_loss")
-
-
-@dataclass
-class DataConfig:
-    """Prepared datasets (tools/prepare_data.py) and, for the demo, how to build them when missing."""
-
-    paths: list[str] = field(default_factory=lambda: ["data/stdlib"])
-    weights: list[float] | None = None  # mixture weights, one per path
-    tokenizer: str = "data/tokenizer"
-    seq_len: int = 256
-    prepare_if_missing: bool = True  # build the tokenizer and shards from `corpus` when absent
-    corpus: list[str] = field(default_factory=lambda: ["stdlib"])
-    tokenizer_vocab_size: int = 8192
-    tokenizer_split_digits: bool = True  # every digit its own piece (tools/train_tokenizer.py --split-digits)
-    val_fraction: float = 0.005
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with decay on matrices only, and a warmup + cosine (or WSD, or constant) learning rate."""
-
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # the final LR as a fraction of lr
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    schedule: str = "cosine"  # cosine | wsd | constant
-    warmup_steps: int = 20
-    decay_fraction: float = 0.2  # wsd: the share of steps spent decaying at the end
-    grad_clip: float = 1.0  # 0 disables clipping
-
-
-@dataclass
-class DeepSpeedConfig:
-    """The ZeRO engine. The DeepSpeed JSON is generated from this (llm/distributed.py), never hand-written."""
-
-    stage: int = 0  # ZeRO stage 0-3
-    offload_optimizer: bool = False  # ZeRO-Offload of optimizer state to CPU (stages 2, 3)
-    offload_param: bool = False  # parameters to CPU too (stage 3)
-    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16 | fp16
-    reduce_bucket_size: int = 500_000_000
-    allgather_bucket_size: int = 500_000_000
-    overlap_comm: bool = False
-
-
-@dataclass
-class LoggerConfig:
-    """Where metrics go besides the run directory's metrics.jsonl (always written)."""
-
-    wandb: bool = True
-    mode: str = "offline"  # offline (files under the run dir; `wandb sync` uploads later) | online
-    project: str = "llm"
-    entity: str | None = None
-    log_every: int = 10  # steps between console/W&B/metrics.jsonl records
-
-
-@dataclass
-class TrainConfig:
-    micro_batch: int = 8  # sequences per rank per forward
-    global_batch: int = 16  # sequences per optimizer step = micro_batch x world_size x grad accumulation
-    max_steps: int = 300
-    eval_every: int = 100  # 0 disables periodic evaluation (one still runs at the end)
-    eval_batches: int = 8
-    ckpt_every_steps: int = 100  # 0 disables step-based checkpoints
-    ckpt_every_minutes: float = 0.0  # 0 disables time-based checkpoints
-    keep_last: int = 3
-    steps_per_run: int | None = None  # stop (with a checkpoint) after this many steps in one invocation
-    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
-    activation_checkpointing: bool = False
-    compile: bool = False
-    seed: int = 1337
-    deterministic: bool = False  # torch deterministic algorithms (exact-resume tests)
-    sample_tokens: int = 120  # tokens of text generated at the end (0 skips)
-    peak_tflops: float | None = None  # the device peak for MFU; None = known GPU table, or measured on CPU
-    collective_timeout_s: float = 300.0  # a collective that waits longer (a hung or dead rank) ends the run
-
-
-@dataclass
-class FinetuneConfig:
-    """What fine-tuning (`python -m llm.finetune`, task=sft or classify) starts from and learns. The model's
-    shape and the tokenizer come from `init_from`; model.dropout, model.kernels and model.fused_loss stay settable."""
-
-    init_from: str = ""  # a pretraining run directory, a checkpoint directory, or hf:DIR (a transformers model)
-    train_file: str = ""  # JSONL: sft {"prompt", "response"} or {"messages": [...]}; classify {"text", "label"}
-    val_file: str | None = None  # the same format; evaluated every train.eval_every steps and at the end
-    pooling: str = "last"  # classify: last (the EOS appended to each text) | mean (over the text's tokens)
-    random_init: bool = False  # a baseline: init_from's model shape and tokenizer, but freshly initialised weights
-
-
-@dataclass
-class LoraConfig:
-    """Low-rank adapters (LoRA): with rank > 0 only the adapters (and a classifier's head) train."""
-
-    rank: int = 0  # 0: full fine-tuning
-    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
-    dropout: float = 0.0  # on the adapters' input
-    targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])  # of qkv, proj, up, gate, down
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    name: str = "demo"  # the run's name; the run directory is <runs_dir>/<name>
-    runs_dir: str = "runs"
-    resume: str = "auto"  # auto (latest checkpoint of this run, if any) | none | a checkpoint directory
-    task: str = "pretrain"  # pretrain | sft | classify (the last two: python -m llm.finetune)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-
-
-def register() -> None:
-    ConfigStore.instance().store(name="base_config", node=Config)
-
-
-def to_config(cfg: DictConfig) -> Config:
-    """The composed Hydra config as the typed dataclass tree."""
-    return OmegaConf.to_object(cfg)
-
-
+# Per-field rules: each takes the value and returns what is wrong with it, or None; `setting` puts one
+# beside every field (tests/test_config.py checks that each catches a bad value).
 def _need(cond: bool, field_name: str, problem: str) -> None:
     if not cond:
         raise ConfigError(f"{field_name}: {problem}")
 
 
-# Per-field rules: each takes the value and returns what is wrong with it, or None. Every field of the schema
-# has one (tests/test_config.py checks that), applied after its type has been checked against the annotation.
 def _at_least(low: float):
     return lambda v: None if v >= low else f"{v} must be at least {low}"
 
@@ -234,95 +79,208 @@ def _optional(rule):
 
 _ok = lambda v: None  # booleans: the type check is the whole check
 
-RULES = {
-    "model.name": _non_empty,
-    "model.vocab_size": _optional(_at_least(1)),
-    "model.pad_vocab_to": _at_least(1),
-    "model.n_layer": _at_least(1),
-    "model.n_head": _at_least(1),
-    "model.n_kv_head": _optional(_at_least(1)),
-    "model.n_embd": _at_least(1),
-    "model.max_seq_len": _at_least(1),
-    "model.norm": _one_of("layernorm", "rmsnorm"),
-    "model.norm_eps": _positive,
-    "model.pos": _one_of("learned", "rope"),
-    "model.rope_theta": _positive,
-    "model.mlp": _one_of("gelu", "swiglu"),
-    "model.gelu": _one_of("tanh", "exact"),
-    "model.mlp_hidden": _optional(_at_least(1)),
-    "model.mlp_multiple_of": _at_least(1),
-    "model.tie_embeddings": _ok,
-    "model.bias": _ok,
-    "model.dropout": _fraction(high_open=True),
-    "model.doc_mask": _ok,
-    "model.kernels": _one_of("auto", "triton", "torch"),
-    "model.fused_loss": _ok,
-    "data.paths": _path_list,
-    "data.weights": _optional(_weights),
-    "data.tokenizer": _non_empty,
-    "data.seq_len": _at_least(1),
-    "data.prepare_if_missing": _ok,
-    "data.tokenizer_split_digits": _ok,
-    "data.corpus": _path_list,
-    "data.tokenizer_vocab_size": _at_least(262),  # byte fallback alone takes 261 ids (256 bytes, specials, "\n")
-    "data.val_fraction": _fraction(high_open=True),
-    "optim.lr": _positive,
-    "optim.min_lr_ratio": _fraction(),
-    "optim.weight_decay": _non_negative,
-    "optim.beta1": _fraction(high_open=True),
-    "optim.beta2": _fraction(high_open=True),
-    "optim.eps": _positive,
-    "optim.schedule": _one_of("cosine", "wsd", "constant"),
-    "optim.warmup_steps": _at_least(0),
-    "optim.decay_fraction": _fraction(low_open=True),
-    "optim.grad_clip": _non_negative,
-    "deepspeed.stage": _one_of(0, 1, 2, 3),
-    "deepspeed.offload_optimizer": _ok,
-    "deepspeed.offload_param": _ok,
-    "deepspeed.precision": _one_of("auto", "fp32", "bf16", "fp16"),
-    "deepspeed.reduce_bucket_size": _at_least(1),
-    "deepspeed.allgather_bucket_size": _at_least(1),
-    "deepspeed.overlap_comm": _ok,
-    "logger.wandb": _ok,
-    "logger.mode": _one_of("offline", "online"),
-    "logger.project": _non_empty,
-    "logger.entity": _optional(_non_empty),
-    "logger.log_every": _at_least(1),
-    "train.micro_batch": _at_least(1),
-    "train.global_batch": _at_least(1),
-    "train.max_steps": _at_least(1),
-    "train.eval_every": _at_least(0),
-    "train.eval_batches": _at_least(1),
-    "train.ckpt_every_steps": _at_least(0),
-    "train.ckpt_every_minutes": _non_negative,
-    "train.keep_last": _at_least(1),
-    "train.steps_per_run": _optional(_at_least(1)),
-    "train.max_bad_steps": _at_least(1),
-    "train.activation_checkpointing": _ok,
-    "train.compile": _ok,
-    "train.seed": lambda v: None if 0 <= v < 2**63 else f"{v} is not in [0, 2**63)",
-    "train.deterministic": _ok,
-    "train.sample_tokens": _at_least(0),
-    "train.peak_tflops": _optional(_positive),
-    "train.collective_timeout_s": _positive,
-    "name": _run_name,
-    "runs_dir": _non_empty,
-    "resume": _non_empty,
-    "task": _one_of("pretrain", "sft", "classify"),
-    "finetune.init_from": _ok,  # required by the fine-tuning tasks: checked with them below
-    "finetune.train_file": _ok,
-    "finetune.val_file": _optional(_non_empty),
-    "finetune.pooling": _one_of("last", "mean"),
-    "finetune.random_init": _ok,
-    "lora.rank": _at_least(0),
-    "lora.alpha": _positive,
-    "lora.dropout": _fraction(high_open=True),
-    "lora.targets": lambda v: (
-        _path_list(v)
-        or next((f"{t!r} is not one of {', '.join(LORA_TARGETS)}" for t in v if t not in LORA_TARGETS), None)
-    ),
-}
 LORA_TARGETS = ("qkv", "proj", "up", "gate", "down")
+
+
+def _lora_targets(v: list) -> str | None:
+    return _path_list(v) or next(
+        (f"{t!r} is not one of {', '.join(LORA_TARGETS)}" for t in v if t not in LORA_TARGETS), None
+    )
+
+
+def setting(default=MISSING, rule=None, *, factory=MISSING):
+    """A config field with its check beside it: `rule(value)` says what is wrong with a value, or None (after
+    the value's type has been checked against the field's annotation)."""
+    assert rule is not None, "every setting has a rule"
+    return field(default=default, default_factory=factory, metadata={"rule": rule})
+
+
+@dataclass
+class ModelConfig:
+    """A GPT-style decoder. `vocab_size: null` takes the tokenizer's size."""
+
+    name: str = setting("tiny", _non_empty)
+    vocab_size: int | None = setting(None, _optional(_at_least(1)))
+    # the embedding and head are padded to a multiple of this (never-used rows)
+    pad_vocab_to: int = setting(64, _at_least(1))
+    n_layer: int = setting(4, _at_least(1))
+    n_head: int = setting(4, _at_least(1))
+    # grouped-query attention; None = n_head (multi-head)
+    n_kv_head: int | None = setting(None, _optional(_at_least(1)))
+    n_embd: int = setting(128, _at_least(1))
+    max_seq_len: int = setting(256, _at_least(1))
+    norm: str = setting("layernorm", _one_of("layernorm", "rmsnorm"))
+    norm_eps: float = setting(1e-5, _positive)
+    pos: str = setting("learned", _one_of("learned", "rope"))
+    rope_theta: float = setting(10000.0, _positive)
+    mlp: str = setting("gelu", _one_of("gelu", "swiglu"))
+    # the GELU of mlp=gelu: tanh (GPT-2's approximation) or exact (erf)
+    gelu: str = setting("tanh", _one_of("tanh", "exact"))
+    # None: 4 * n_embd for gelu; Llama's 2/3 * 4 * n_embd rounded for swiglu
+    mlp_hidden: int | None = setting(None, _optional(_at_least(1)))
+    mlp_multiple_of: int = setting(256, _at_least(1))  # swiglu hidden size rounding
+    tie_embeddings: bool = setting(True, _ok)
+    bias: bool = setting(True, _ok)
+    dropout: float = setting(0.0, _fraction(high_open=True))
+    doc_mask: bool = setting(True, _ok)  # attention stays inside each document of a packed window
+    # the attention and norm implementation (auto: Triton on CUDA, the PyTorch references elsewhere)
+    kernels: str = setting("auto", _one_of("auto", "triton", "torch"))
+    # the head and the loss chunked together, never all the logits (kernels/cross_entropy.py)
+    fused_loss: bool = setting(True, _ok)
+
+
+# settings that change how the model computes, not its weights: free to change on resume and fine-tuning
+RUNTIME_MODEL_FIELDS = ("kernels", "dropout", "fused_loss")
+
+
+@dataclass
+class DataConfig:
+    """Prepared datasets (tools/prepare_data.py) and, for the demo, how to build them when missing."""
+
+    paths: list[str] = setting(rule=_path_list, factory=lambda: ["data/stdlib"])
+    weights: list[float] | None = setting(None, _optional(_weights))  # mixture weights, one per path
+    tokenizer: str = setting("data/tokenizer", _non_empty)
+    seq_len: int = setting(256, _at_least(1))
+    prepare_if_missing: bool = setting(True, _ok)  # build the tokenizer and shards from `corpus` when absent
+    corpus: list[str] = setting(rule=_path_list, factory=lambda: ["stdlib"])
+    tokenizer_vocab_size: int = setting(8192, _at_least(262))
+    # every digit its own piece (tools/train_tokenizer.py --split-digits)
+    tokenizer_split_digits: bool = setting(True, _ok)
+    val_fraction: float = setting(0.005, _fraction(high_open=True))
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decay on matrices only, and a warmup + cosine (or WSD, or constant) learning rate."""
+
+    lr: float = setting(1e-3, _positive)
+    min_lr_ratio: float = setting(0.1, _fraction())  # the final LR as a fraction of lr
+    weight_decay: float = setting(0.1, _non_negative)
+    beta1: float = setting(0.9, _fraction(high_open=True))
+    beta2: float = setting(0.95, _fraction(high_open=True))
+    eps: float = setting(1e-8, _positive)
+    schedule: str = setting("cosine", _one_of("cosine", "wsd", "constant"))
+    warmup_steps: int = setting(20, _at_least(0))
+    decay_fraction: float = setting(0.2, _fraction(low_open=True))  # wsd: the share of steps spent decaying at the end
+    grad_clip: float = setting(1.0, _non_negative)  # 0 disables clipping
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The ZeRO engine. The DeepSpeed JSON is generated from this (llm/distributed.py), never hand-written."""
+
+    stage: int = setting(0, _one_of(0, 1, 2, 3))  # the ZeRO stage
+    offload_optimizer: bool = setting(False, _ok)  # ZeRO-Offload of optimizer state to CPU (stages 2, 3)
+    offload_param: bool = setting(False, _ok)  # parameters to CPU too (stage 3)
+    # auto: bf16 on GPUs that have it, else fp32
+    precision: str = setting("auto", _one_of("auto", "fp32", "bf16", "fp16"))
+    reduce_bucket_size: int = setting(500_000_000, _at_least(1))
+    allgather_bucket_size: int = setting(500_000_000, _at_least(1))
+    overlap_comm: bool = setting(False, _ok)
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go besides the run directory's metrics.jsonl (always written)."""
+
+    wandb: bool = setting(True, _ok)
+    # offline: files under the run dir, which `wandb sync` uploads later
+    mode: str = setting("offline", _one_of("offline", "online"))
+    project: str = setting("llm", _non_empty)
+    entity: str | None = setting(None, _optional(_non_empty))
+    log_every: int = setting(10, _at_least(1))  # steps between console/W&B/metrics.jsonl records
+
+
+@dataclass
+class TrainConfig:
+    micro_batch: int = setting(8, _at_least(1))  # sequences per rank per forward
+    # sequences per optimizer step = micro_batch x world_size x grad accumulation
+    global_batch: int = setting(16, _at_least(1))
+    max_steps: int = setting(300, _at_least(1))
+    eval_every: int = setting(100, _at_least(0))  # 0 disables periodic evaluation (one still runs at the end)
+    eval_batches: int = setting(8, _at_least(1))
+    ckpt_every_steps: int = setting(100, _at_least(0))  # 0 disables step-based checkpoints
+    ckpt_every_minutes: float = setting(0.0, _non_negative)  # 0 disables time-based checkpoints
+    keep_last: int = setting(3, _at_least(1))
+    # stop (with a checkpoint) after this many steps in one invocation
+    steps_per_run: int | None = setting(None, _optional(_at_least(1)))
+    max_bad_steps: int = setting(5, _at_least(1))  # consecutive non-finite losses before the run stops
+    activation_checkpointing: bool = setting(False, _ok)
+    compile: bool = setting(False, _ok)
+    seed: int = setting(1337, lambda v: None if 0 <= v < 2**63 else f"{v} is not in [0, 2**63)")
+    deterministic: bool = setting(False, _ok)  # torch deterministic algorithms (exact-resume tests)
+    sample_tokens: int = setting(120, _at_least(0))  # tokens of text generated at the end (0 skips)
+    # the device peak for MFU; None = known GPU table, or measured on CPU
+    peak_tflops: float | None = setting(None, _optional(_positive))
+    # a collective that waits longer (a hung or dead rank) ends the run
+    collective_timeout_s: float = setting(300.0, _positive)
+
+
+@dataclass
+class FinetuneConfig:
+    """What fine-tuning (`python -m llm.finetune`, task=sft or classify) starts from and learns. The model's
+    shape and the tokenizer come from `init_from`; model.dropout, model.kernels and model.fused_loss stay settable."""
+
+    # a pretraining run directory, a checkpoint directory, or hf:DIR (a transformers model)
+    init_from: str = setting("", _ok)
+    # JSONL: sft {"prompt", "response"} or {"messages": [...]}; classify {"text", "label"}
+    train_file: str = setting("", _ok)
+    # the same format; evaluated every train.eval_every steps and at the end
+    val_file: str | None = setting(None, _optional(_non_empty))
+    # classify: last (the EOS appended to each text) or mean (over the text's tokens)
+    pooling: str = setting("last", _one_of("last", "mean"))
+    # a baseline: init_from's model shape and tokenizer, but freshly initialised weights
+    random_init: bool = setting(False, _ok)
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA): with rank > 0 only the adapters (and a classifier's head) train."""
+
+    rank: int = setting(0, _at_least(0))  # 0: full fine-tuning
+    alpha: float = setting(16.0, _positive)  # the adapters' output is scaled by alpha / rank
+    dropout: float = setting(0.0, _fraction(high_open=True))  # on the adapters' input
+    targets: list[str] = setting(rule=_lora_targets, factory=lambda: ["qkv", "proj"])  # of LORA_TARGETS
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = setting("demo", _run_name)  # the run's name; the run directory is <runs_dir>/<name>
+    runs_dir: str = setting("runs", _non_empty)
+    # auto (latest checkpoint of this run, if any), none, or a checkpoint directory
+    resume: str = setting("auto", _non_empty)
+    # sft and classify: python -m llm.finetune
+    task: str = setting("pretrain", _one_of("pretrain", "sft", "classify"))
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+def _rules(node_type, prefix: str = "") -> dict:
+    out = {}
+    for f in dataclasses.fields(node_type):
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
+            out.update(_rules(globals()[f.type] if isinstance(f.type, str) else f.type, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = f.metadata["rule"]
+    return out
+
+
+RULES = _rules(Config)  # "section.field" -> its rule, from the fields themselves
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The composed Hydra config as the typed dataclass tree."""
+    return OmegaConf.to_object(cfg)
 
 
 def _type_problem(value, annotation) -> str | None:
