@@ -173,137 +173,161 @@ def prepare(
         _log(verbose, f"{out} is already complete ({MANIFEST} present); nothing to do")
         return manifest
     out.mkdir(parents=True, exist_ok=True)
+    run = _Preparation(cfg, out, tok, dtype, fingerprint)
+    if run.items_done:
+        _log(verbose, f"resuming {out}: {run.items_done}/{len(corpus.items)} work items already done")
+    todo = corpus.items[run.items_done :]
+    total = sum(segment_size(s) for item in todo for s in item)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress, file=sys.stderr)
+    t0, tokens_total = time.time(), 0
+    for item, result in zip(todo, _results(cfg, todo, opts, dtype), strict=True):
+        run.add(*result)
+        tokens_total += result[1].size
+        bar.update(sum(segment_size(s) for s in item))
+        bar.set_postfix(tokens=f"{tokens_total / 1e6:.1f}M", refresh=False)
+        if any(b.pending_tokens >= cfg.shard_tokens for b in run.bufs.values()):
+            run.checkpoint(flush_all=False)
+            if on_checkpoint is not None:
+                on_checkpoint(run.items_done)
+    bar.close()
+    manifest = run.finish(command)
+    _report(manifest, cfg, out, run, time.time() - t0, verbose)
+    return manifest
 
-    state = _load_state(out, fingerprint)
-    bufs = {s: _SplitBuffer() for s in SPLITS}
-    stats = CorpusStats()
-    dups = unk = 0
-    items_done = 0
-    seen: set[bytes] = set()
-    if state is not None:
-        items_done, dups, seen = state["items_done"], state["duplicates_dropped"], state["seen"]
-        unk = state.get("unk_tokens", 0)
-        stats.add(CorpusStats(**state["stats"]))
-        for s in SPLITS:
-            bufs[s].shards = state["shards"][s]
-            pending = out / f".prepare_pending_{s}.bin"
-            if state["pending_tokens"][s]:
-                bufs[s].append(np.fromfile(pending, dtype=np.dtype(DTYPES[dtype]).newbyteorder("<")))
-        _log(verbose, f"resuming {out}: {items_done}/{len(corpus.items)} work items already done")
-    seen_fh = open(out / SEEN_FILE, "ab")
-    new_hashes: list[bytes] = []
 
-    def checkpoint(flush_all: bool) -> None:
+class _Preparation:
+    """One preparation's progress: the documents kept so far (their digests, for de-duplication and the val
+    split), the split buffers and shards written, the counts; checkpointed to `out` so that an interrupted run
+    resumes where its last checkpoint left off, to byte-identical output."""
+
+    def __init__(self, cfg: PrepareConfig, out: Path, tok: Tokenizer, dtype: str, fingerprint: dict):
+        self.cfg, self.out, self.tok, self.dtype, self.fingerprint = cfg, out, tok, dtype, fingerprint
+        self.bufs = {s: _SplitBuffer() for s in SPLITS}
+        self.stats = CorpusStats()
+        self.dups = self.unk = self.items_done = 0
+        self.seen: set[bytes] = set()
+        state = _load_state(out, fingerprint)
+        if state is not None:
+            self.items_done, self.dups, self.seen = state["items_done"], state["duplicates_dropped"], state["seen"]
+            self.unk = state.get("unk_tokens", 0)
+            self.stats.add(CorpusStats(**state["stats"]))
+            for s in SPLITS:
+                self.bufs[s].shards = state["shards"][s]
+                pending = out / f".prepare_pending_{s}.bin"
+                if state["pending_tokens"][s]:
+                    self.bufs[s].append(np.fromfile(pending, dtype=np.dtype(DTYPES[dtype]).newbyteorder("<")))
+        self.seen_fh = open(out / SEEN_FILE, "ab")  # noqa: SIM115 - appended to at every checkpoint, closed by finish
+        self.new_hashes: list[bytes] = []
+
+    def add(self, hashes: bytes, flat: np.ndarray, lengths: np.ndarray, item_stats: CorpusStats) -> None:
+        """A work item's documents: each new one to its split (by its digest), each repeat dropped."""
+        self.stats.add(item_stats)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        for i in range(len(lengths)):
+            digest = hashes[i * HASH_BYTES : (i + 1) * HASH_BYTES]
+            if digest in self.seen:
+                self.dups += 1
+                continue
+            self.seen.add(digest)
+            self.new_hashes.append(digest)
+            split = "val" if _is_val(digest, self.cfg.val_fraction) else "train"
+            doc = flat[starts[i] : starts[i + 1]]
+            self.unk += int(np.count_nonzero(doc == self.tok.unk_id))  # runs of characters a char vocabulary lacks
+            self.bufs[split].append(doc)
+        self.items_done += 1
+
+    def checkpoint(self, flush_all: bool) -> None:
+        """Write every full shard (every pending token with `flush_all`), the new digests and the state."""
+        out, bufs = self.out, self.bufs
         for s in SPLITS:
             b = bufs[s]
-            if b.pending_tokens and (flush_all or b.pending_tokens >= cfg.shard_tokens):
-                b.shards.append(write_shard(out, s, len(b.shards), b.take(dtype), tok.eos_id))
-        seen_fh.write(b"".join(new_hashes))
-        seen_fh.flush()
-        os.fsync(seen_fh.fileno())
-        new_hashes.clear()
+            if b.pending_tokens and (flush_all or b.pending_tokens >= self.cfg.shard_tokens):
+                b.shards.append(write_shard(out, s, len(b.shards), b.take(self.dtype), self.tok.eos_id))
+        self.seen_fh.write(b"".join(self.new_hashes))
+        self.seen_fh.flush()
+        os.fsync(self.seen_fh.fileno())
+        self.new_hashes.clear()
         for s in SPLITS:
             if bufs[s].pending:
-                merged = bufs[s].take(dtype)
+                merged = bufs[s].take(self.dtype)
                 bufs[s].append(merged)
                 atomic_write(out / f".prepare_pending_{s}.bin", merged.tobytes())
         atomic_write_json(
             out / STATE_FILE,
             {
-                "fingerprint": fingerprint,
-                "items_done": items_done,
-                "seen_count": len(seen),
-                "duplicates_dropped": dups,
-                "unk_tokens": unk,
-                "stats": stats.as_dict(),
+                "fingerprint": self.fingerprint,
+                "items_done": self.items_done,
+                "seen_count": len(self.seen),
+                "duplicates_dropped": self.dups,
+                "unk_tokens": self.unk,
+                "stats": self.stats.as_dict(),
                 "shards": {s: bufs[s].shards for s in SPLITS},
                 "pending_tokens": {s: bufs[s].pending_tokens for s in SPLITS},
             },
         )
 
-    todo = corpus.items[items_done:]
-    total = sum(segment_size(s) for item in todo for s in item)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress, file=sys.stderr)
-    t0 = time.time()
-    tokens_total = 0
-    for item, (hashes, flat, lengths, item_stats) in zip(todo, _results(cfg, todo, opts, dtype), strict=True):
-        stats.add(item_stats)
-        starts = np.concatenate([[0], np.cumsum(lengths)])
-        for i in range(len(lengths)):
-            digest = hashes[i * HASH_BYTES : (i + 1) * HASH_BYTES]
-            if digest in seen:
-                dups += 1
-                continue
-            seen.add(digest)
-            new_hashes.append(digest)
-            split = "val" if _is_val(digest, cfg.val_fraction) else "train"
-            doc = flat[starts[i] : starts[i + 1]]
-            unk += int(np.count_nonzero(doc == tok.unk_id))  # runs of characters a char vocabulary lacks
-            bufs[split].append(doc)
-        items_done += 1
-        tokens_total += flat.size
-        bar.update(sum(segment_size(s) for s in item))
-        bar.set_postfix(tokens=f"{tokens_total / 1e6:.1f}M", refresh=False)
-        if any(b.pending_tokens >= cfg.shard_tokens for b in bufs.values()):
-            checkpoint(flush_all=False)
-            if on_checkpoint is not None:
-                on_checkpoint(items_done)
-    bar.close()
+    def finish(self, command: list[str] | None) -> dict:
+        """The last shards, the val documents' digests and the manifest; the checkpoint files removed."""
+        if not self.seen:
+            raise ShardError(f"the corpus has no documents ({self.stats.summary()}); check --input")
+        self.checkpoint(flush_all=True)
+        self.seen_fh.close()
+        out, cfg, bufs, tok = self.out, self.cfg, self.bufs, self.tok
+        digests = (out / SEEN_FILE).read_bytes()  # every kept document's, in corpus order
+        val = [
+            d
+            for d in (digests[i : i + HASH_BYTES] for i in range(0, len(digests), HASH_BYTES))
+            if _is_val(d, cfg.val_fraction)
+        ]
+        atomic_write(out / VAL_FILE, b"".join(val))
+        total_tokens = sum(e["tokens"] for s in SPLITS for e in bufs[s].shards)
+        val_share = sum(e["tokens"] for e in bufs["val"].shards) / max(1, total_tokens)
+        manifest = {
+            "format": FORMAT,
+            "dtype": self.dtype,
+            "tokenizer": {
+                "sha256": tok.sha256,
+                "vocab_size": tok.vocab_size,
+                "eos_id": tok.eos_id,
+                "model_type": tok.meta.get("model_type"),
+            },
+            "splits": {
+                s: {
+                    "tokens": sum(e["tokens"] for e in bufs[s].shards),
+                    "documents": sum(e["documents"] for e in bufs[s].shards),
+                    "shards": bufs[s].shards,
+                }
+                for s in SPLITS
+            },
+            "stats": {**self.stats.as_dict(), "duplicates_dropped": self.dups, "unk_tokens": self.unk},
+            "val_documents": {
+                "file": VAL_FILE,
+                "count": len(val),
+                "digest": f"blake2b, {HASH_BYTES} bytes, of each document's UTF-8 text; val iff its first 8 bytes "
+                "(little-endian) < val_fraction * 2^64",
+                "token_share": round(val_share, 6),
+            },
+            "fingerprint": self.fingerprint,
+            "config": {k: v for k, v in asdict(cfg).items() if k != "workers"},
+            "command": command or [],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_manifest(out, manifest)
+        for name in (STATE_FILE, SEEN_FILE, ".prepare_pending_train.bin", ".prepare_pending_val.bin"):
+            (out / name).unlink(missing_ok=True)
+        return manifest
 
-    if not seen:
-        raise ShardError(f"the corpus has no documents ({stats.summary()}); check --input")
-    checkpoint(flush_all=True)
-    seen_fh.close()
-    digests = (out / SEEN_FILE).read_bytes()  # every kept document's, in corpus order
-    val = [
-        d
-        for d in (digests[i : i + HASH_BYTES] for i in range(0, len(digests), HASH_BYTES))
-        if _is_val(d, cfg.val_fraction)
-    ]
-    atomic_write(out / VAL_FILE, b"".join(val))
-    total_tokens = sum(e["tokens"] for s in SPLITS for e in bufs[s].shards)
-    val_share = sum(e["tokens"] for e in bufs["val"].shards) / max(1, total_tokens)
-    manifest = {
-        "format": FORMAT,
-        "dtype": dtype,
-        "tokenizer": {
-            "sha256": tok.sha256,
-            "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id,
-            "model_type": tok.meta.get("model_type"),
-        },
-        "splits": {
-            s: {
-                "tokens": sum(e["tokens"] for e in bufs[s].shards),
-                "documents": sum(e["documents"] for e in bufs[s].shards),
-                "shards": bufs[s].shards,
-            }
-            for s in SPLITS
-        },
-        "stats": {**stats.as_dict(), "duplicates_dropped": dups, "unk_tokens": unk},
-        "val_documents": {
-            "file": VAL_FILE,
-            "count": len(val),
-            "digest": f"blake2b, {HASH_BYTES} bytes, of each document's UTF-8 text; val iff its first 8 bytes "
-            "(little-endian) < val_fraction * 2^64",
-            "token_share": round(val_share, 6),
-        },
-        "fingerprint": fingerprint,
-        "config": {k: v for k, v in asdict(cfg).items() if k != "workers"},
-        "command": command or [],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_manifest(out, manifest)
-    for name in (STATE_FILE, SEEN_FILE, ".prepare_pending_train.bin", ".prepare_pending_val.bin"):
-        (out / name).unlink(missing_ok=True)
-    elapsed = time.time() - t0
+
+def _report(manifest: dict, cfg: PrepareConfig, out: Path, run: _Preparation, elapsed: float, verbose: bool) -> None:
+    splits = manifest["splits"]
     _log(
         verbose,
-        f"wrote {out}: train {manifest['splits']['train']['tokens']:,} tokens, "
-        f"val {manifest['splits']['val']['tokens']:,} tokens ({dtype}); {stats.summary()}; "
-        f"{dups:,} duplicates dropped; {unk:,} unknown-character tokens; {elapsed:.1f}s",
+        f"wrote {out}: train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} tokens "
+        f"({run.dtype}); {run.stats.summary()}; {run.dups:,} duplicates dropped; {run.unk:,} unknown-character "
+        f"tokens; {elapsed:.1f}s",
     )
-    if cfg.val_fraction > 0 and manifest["splits"]["val"]["tokens"] == 0:
+    val_share = manifest["val_documents"]["token_share"]
+    if cfg.val_fraction > 0 and splits["val"]["tokens"] == 0:
         _log(verbose, "warning: the val split is empty; raise --val-fraction or add documents")
     elif cfg.val_fraction > 0 and not cfg.val_fraction / 2 <= val_share <= 2 * cfg.val_fraction:
         _log(
@@ -312,7 +336,6 @@ def prepare(
             f"{100 * cfg.val_fraction:g}%: documents go whole to one split, so a few large ones make the share "
             "coarse; split large files into smaller documents or adjust --val-fraction",
         )
-    return manifest
 
 
 def _load_state(out: Path, fingerprint: dict) -> dict | None:
