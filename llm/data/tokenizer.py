@@ -151,62 +151,28 @@ def train_tokenizer(
     char = model_type == "char"
     if byte_fallback is None:
         byte_fallback = not (char and character_coverage >= 1.0)
-    requested = vocab_size
-    if vocab_size is None:
-        vocab_size = 8192
-    min_vocab = 256 + len(SPECIAL_IDS) + 1 if byte_fallback else len(SPECIAL_IDS) + 2  # bytes, specials, "\n"
-    if not char and vocab_size <= min_vocab:
-        what = "byte fallback alone needs" if byte_fallback else "the special ids and a character need"
-        raise TokenizerError(f"vocab size {vocab_size} is too small: {what} more than {min_vocab}")
-    corpus = Corpus(inputs, ReadOptions(text_field, skip_bad_lines))
+    size = 8192 if vocab_size is None else vocab_size  # char: only a check, after training
+    _check_vocab_size(size, char, byte_fallback)
     stats = CorpusStats()
-    counted = _count(_sentences(corpus.documents(stats)))
-    writer = io.BytesIO()
+    counted = _count(_sentences(Corpus(inputs, ReadOptions(text_field, skip_bad_lines)).documents(stats)))
     spm.set_random_generator_seed(seed)
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=counted,
-            model_writer=writer,
-            vocab_size=1 << 16 if char else vocab_size,  # char: the alphabet decides (hard_vocab_limit off)
-            hard_vocab_limit=not char,
-            model_type=model_type,
-            byte_fallback=byte_fallback,
-            split_digits=split_digits,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True,
-            user_defined_symbols=["\n"],
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
-            character_coverage=character_coverage,
-            max_sentence_length=4 * MAX_SENTENCE_CHARS,  # bytes; a UTF-8 character takes at most 4
-            num_threads=num_threads or os.cpu_count() or 1,
-            minloglevel=2,
-            **SPECIAL_IDS,
-        )
-    except RuntimeError as e:
-        if counted.error is not None:
-            raise counted.error from None
-        if stats.documents == 0:
-            raise TokenizerError(f"the corpus has no documents ({stats.summary()}); check --input") from None
-        msg = str(e).split("] ")[-1].strip()
-        raise TokenizerError(f"SentencePiece training failed: {msg}") from None
-    if counted.error is not None:
-        raise counted.error
-    if stats.documents == 0:
-        raise TokenizerError(f"the corpus has no documents ({stats.summary()}); check --input")
-
-    model_bytes = writer.getvalue()
+    options = {
+        "vocab_size": 1 << 16 if char else size,  # char: the alphabet decides (hard_vocab_limit off)
+        "hard_vocab_limit": not char,
+        "model_type": model_type,
+        "byte_fallback": byte_fallback,
+        "split_digits": split_digits,
+        "input_sentence_size": input_sentence_size,
+        "character_coverage": character_coverage,
+        "num_threads": num_threads or os.cpu_count() or 1,
+    }
+    model_bytes = _train_sentencepiece(counted, stats, options)
     sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-    if char and requested is not None and sp.vocab_size() > requested:
+    if char and vocab_size is not None and sp.vocab_size() > vocab_size:
         raise TokenizerError(
-            f"--vocab-size {requested} is below this corpus's character vocabulary ({sp.vocab_size()} ids with the "
+            f"--vocab-size {vocab_size} is below this corpus's character vocabulary ({sp.vocab_size()} ids with the "
             "special ones): a char tokenizer keeps every character; leave --vocab-size out or raise it"
         )
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / MODEL_FILE, model_bytes)
     meta = {
         "format": FORMAT,
         "model_file": MODEL_FILE,
@@ -216,7 +182,7 @@ def train_tokenizer(
         **SPECIAL_IDS,
         "byte_fallback": byte_fallback,
         "options": {
-            "requested_vocab_size": requested,
+            "requested_vocab_size": vocab_size,
             "input_sentence_size": input_sentence_size,
             "character_coverage": character_coverage,
             "seed": seed,
@@ -226,8 +192,51 @@ def train_tokenizer(
         "trained_on": {"inputs": list(inputs), "sentences": counted.n, **stats.as_dict()},
         "sentencepiece_version": spm.__version__,
     }
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / MODEL_FILE, model_bytes)
     atomic_write_json(out / SIDECAR_FILE, meta)
     return Tokenizer.load(out)
+
+
+def _check_vocab_size(vocab_size: int, char: bool, byte_fallback: bool) -> None:
+    min_vocab = 256 + len(SPECIAL_IDS) + 1 if byte_fallback else len(SPECIAL_IDS) + 2  # bytes, specials, "\n"
+    if not char and vocab_size <= min_vocab:
+        what = "byte fallback alone needs" if byte_fallback else "the special ids and a character need"
+        raise TokenizerError(f"vocab size {vocab_size} is too small: {what} more than {min_vocab}")
+
+
+def _train_sentencepiece(sentences: _count, stats: CorpusStats, options: dict) -> bytes:
+    """The serialized model SentencePiece trains on `sentences` with our fixed settings and `options`; its
+    failures (and the corpus's, which its callback would lose) as one-line errors."""
+    writer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences,
+            model_writer=writer,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            user_defined_symbols=["\n"],
+            shuffle_input_sentence=True,
+            max_sentence_length=4 * MAX_SENTENCE_CHARS,  # bytes; a UTF-8 character takes at most 4
+            minloglevel=2,
+            **options,
+            **SPECIAL_IDS,
+        )
+    except RuntimeError as e:
+        if sentences.error is not None:
+            raise sentences.error from None
+        if stats.documents == 0:
+            raise TokenizerError(f"the corpus has no documents ({stats.summary()}); check --input") from None
+        msg = str(e).split("] ")[-1].strip()
+        raise TokenizerError(f"SentencePiece training failed: {msg}") from None
+    if sentences.error is not None:
+        raise sentences.error
+    if stats.documents == 0:
+        raise TokenizerError(f"the corpus has no documents ({stats.summary()}); check --input")
+    return writer.getvalue()
 
 
 class _count:
