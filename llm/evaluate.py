@@ -149,7 +149,7 @@ def classify(model, cfg, tok: Tokenizer, data: list[str] | None, seq_len: int | 
     return {"checkpoint": str(checkpoint), "classifier": True, "data": results}
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llm.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--checkpoint", required=True, help="a run directory, its checkpoints/, a step_* directory or hf:DIR"
@@ -175,6 +175,42 @@ def main(argv: list[str] | None = None) -> None:
         "directory, metrics.json with roc.png and confusion.png, one subdirectory per file if several)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def _print(result: dict, split: str, output: str | None) -> None:
+    """The results, one line per input (and the reports or JSON at --output)."""
+    if result.get("classifier"):
+        from llm.classify_metrics import write_report
+
+        for path, r in result["data"].items():
+            auc = "n/a" if r["roc_auc"] is None else f"{r['roc_auc']:.4f}"
+            print(
+                f"{path}: accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}, ROC-AUC {auc}, "
+                f"loss {r['loss']:.4f} ({r['examples']} examples)"
+            )
+            if output:
+                several = len(result["data"]) > 1
+                write_report(r, Path(output) / Path(path).stem if several else Path(output))
+        return
+    for path, r in result["data"].items():
+        if "windows" not in r:  # an SFT file
+            print(
+                f"{path}: response loss {r['loss']:.4f}, ppl {r['ppl']:.2f} ({r['examples']} examples, "
+                f"{r['tokens']:,} response tokens)"
+            )
+            continue
+        bpb = "n/a" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"
+        print(
+            f"{path} [{split}]: loss {r['loss']:.4f}, ppl {r['ppl']:.2f}, bits/byte {bpb} "
+            f"({r['windows']} windows, {r['tokens']:,} tokens, {r['bytes']:,} bytes)"
+        )
+    if output:
+        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = _parser()
     args = p.parse_args(argv)
     for name in ("batch_size", "max_windows", "seq_len"):
         value = getattr(args, name)
@@ -192,52 +228,16 @@ def main(argv: list[str] | None = None) -> None:
         device = parse_device(args.device, env.local_rank)
         if env.world_size > 1:
             D.init(env)
-        result = evaluate(
-            args.checkpoint,
-            args.data,
-            args.split,
-            args.seq_len,
-            args.batch_size,
-            args.max_windows,
-            device,
-            env.rank,
-            env.world_size,
-        )
+        scope = (args.seq_len, args.batch_size, args.max_windows, device, env.rank, env.world_size)
+        result = evaluate(args.checkpoint, args.data, args.split, *scope)
     except (CheckpointError, ShardError, TokenizerError, ExampleError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if env.world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    if env.rank != 0:
-        return
-    if result.get("classifier"):
-        from llm.classify_metrics import write_report
-
-        for path, r in result["data"].items():
-            auc = "n/a" if r["roc_auc"] is None else f"{r['roc_auc']:.4f}"
-            print(
-                f"{path}: accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}, ROC-AUC {auc}, "
-                f"loss {r['loss']:.4f} ({r['examples']} examples)"
-            )
-            if args.output:
-                several = len(result["data"]) > 1
-                write_report(r, Path(args.output) / Path(path).stem if several else Path(args.output))
-        return
-    for path, r in result["data"].items():
-        if "windows" not in r:  # an SFT file
-            print(
-                f"{path}: response loss {r['loss']:.4f}, ppl {r['ppl']:.2f} ({r['examples']} examples, "
-                f"{r['tokens']:,} response tokens)"
-            )
-            continue
-        bpb = "n/a" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"
-        print(
-            f"{path} [{args.split}]: loss {r['loss']:.4f}, ppl {r['ppl']:.2f}, bits/byte {bpb} "
-            f"({r['windows']} windows, {r['tokens']:,} tokens, {r['bytes']:,} bytes)"
-        )
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    if env.rank == 0:
+        _print(result, args.split, args.output)
 
 
 if __name__ == "__main__":
