@@ -439,7 +439,7 @@ if triton is not None:
 # Ada and consumer Blackwell (sm_80/87: 163 KB; sm_86/89/120: 99 KB), whose 16-bit entries all fit 99 KB.
 # fp32 (checks, not training) takes one small configuration everywhere: it fits 99 KB (at most 70 KB) and is
 # the accepted register spill at D=128 (every configuration tried spills).
-# `python -m llm.kernels.compile_check` prints shared memory, registers, spills and instruction counts for every
+# `python tools/compile_check.py` prints shared memory, registers, spills and instruction counts for every
 # entry, and fails on a spill, a 16-bit product off wgmma on sm_90 or a main loop without asynchronous copies.
 CONFIGS = {
     "fwd": {90: {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)}, 80: {64: (128, 64, 8, 3), 128: (128, 32, 8, 3)}},

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from llm.data.dataset import BatchLoader, open_windows
 from llm.data.tokenizer import Tokenizer
-from llm.model import GPT
+from llm.model.gpt import GPT
 
 
 def token_bytes(tok: Tokenizer) -> np.ndarray:
@@ -88,7 +88,7 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
 ) -> dict:
-    from llm.weights import load_model
+    from llm.store.weights import load_model
 
     cfg, model, tok = load_model(checkpoint, device)
     if not isinstance(model, GPT):
@@ -109,8 +109,7 @@ def evaluate(
 @torch.no_grad()
 def score_sft(model: GPT, path, tok: Tokenizer, seq: int, batch_size: int) -> dict:
     """The loss per response token of an SFT file's examples (packed as fine-tuning packs them)."""
-    from llm.data.examples import pack_sft
-    from llm.model import IGNORE
+    from llm.data.examples import IGNORE, pack_sft
 
     rows, stats = pack_sft(path, tok, seq)
     device, nats, count = next(model.parameters()).device, 0.0, 0
@@ -125,10 +124,10 @@ def score_sft(model: GPT, path, tok: Tokenizer, seq: int, batch_size: int) -> di
 
 @torch.no_grad()
 def classify(model, cfg, tok: Tokenizer, data: list[str] | None, seq_len: int | None, batch_size: int, checkpoint):
-    """A classifier's full report (llm/classify_metrics.py) on JSONL files of {"text", "label"} (default: the
+    """A classifier's full report (llm/training/classify_metrics.py) on JSONL files of {"text", "label"} (default: the
     run's finetune.val_file)."""
-    from llm.classify_metrics import report
     from llm.data.examples import encode_classify
+    from llm.training.classify_metrics import report
 
     files = data or ([cfg.finetune.val_file] if cfg.finetune.val_file else [])
     if not files:
@@ -181,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
 def _print(result: dict, split: str, output: str | None) -> None:
     """The results, one line per input (and the reports or JSON at --output)."""
     if result.get("classifier"):
-        from llm.classify_metrics import write_report
+        from llm.training.classify_metrics import write_report
 
         for path, r in result["data"].items():
             auc = "n/a" if r["roc_auc"] is None else f"{r['roc_auc']:.4f}"
@@ -216,12 +215,12 @@ def main(argv: list[str] | None = None) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    from llm import distributed as D
-    from llm.checkpoint import CheckpointError
     from llm.data.examples import ExampleError
     from llm.data.shards import ShardError
     from llm.data.tokenizer import TokenizerError
-    from llm.weights import parse_device
+    from llm.parallel import distributed as D
+    from llm.store.checkpoint import CheckpointError
+    from llm.store.weights import parse_device
 
     try:
         env = D.detect()

@@ -1,6 +1,6 @@
 """`python -m llm.export`: a checkpoint (any ZeRO stage, any number of ranks) as a HuggingFace transformers model
 directory: model.safetensors, config.json, tokenizer.json + tokenizer_config.json (what `AutoTokenizer`
-loads), and tokenizer.model (so that `hf:DIR` imports it back). See llm/hf.py for what maps to what.
+loads), and tokenizer.model (so that `hf:DIR` imports it back). See llm/model/hf.py for what maps to what.
 
     python -m llm.export --checkpoint runs/demo --output exports/demo
     python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('exports/demo')"
@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from llm.checkpoint import CheckpointError
 from llm.data.tokenizer import TokenizerError
+from llm.store.checkpoint import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,21 +32,21 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(2)
     try:
-        from llm.hf import ExportError, write_hf
+        from llm.model.hf import ExportError, write_hf
     except ImportError as e:
         print(
             f"error: export needs transformers' libraries ({e.name} is missing): pip install -e '.[hf]'",
             file=sys.stderr,
         )
         sys.exit(2)
-    from llm.weights import load_weights
+    from llm.store.weights import load_weights
 
     t0 = time.perf_counter()
     try:
         cfg, weights, tok, labels = load_weights(args.checkpoint)
         if labels is not None:
             raise ExportError(f"{args.checkpoint} is a classifier (task=classify); only language models are exported")
-        from llm.hf import family
+        from llm.model.hf import family
 
         family(cfg.model)  # refuse before writing anything
         info = write_hf(cfg.model, weights, tok, out, args.dtype)

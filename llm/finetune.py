@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from llm import train
+from llm.training.launch import run
 
 USAGE = """usage: python -m llm.finetune [--cfg] finetune.init_from=RUN|CHECKPOINT|hf:DIR finetune.train_file=FILE.jsonl
                                  [finetune.val_file=FILE.jsonl] [task=sft|classify] [lora=r8 | lora.rank=N ...]
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not any(a.startswith("task=") for a in args):
         args.insert(0, "task=sft")
-    train.main(args, usage=USAGE)
+    run(args, USAGE)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llm.model import GPT
+from llm.model.gpt import GPT
 
 
 class GenerationError(ValueError):
@@ -204,9 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     s = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, not args.ignore_eos)
-    from llm.checkpoint import CheckpointError
     from llm.data.tokenizer import TokenizerError
-    from llm.weights import load_model, parse_device
+    from llm.store.checkpoint import CheckpointError
+    from llm.store.weights import load_model, parse_device
 
     try:
         device = parse_device(args.device)

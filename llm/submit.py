@@ -29,11 +29,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from llm.compose import load_config, run_dir_of
-from llm.config import ConfigError, validate
-from llm.distributed import deepspeed_config
-from llm.outcome import CODES
-from llm.storage import StorageError, check_writable, storage_error
+from llm.config.compose import load_config, run_dir_of
+from llm.config.schema import ConfigError, validate
+from llm.parallel.distributed import deepspeed_config
+from llm.store.storage import StorageError, check_writable, storage_error
+from llm.training.outcome import CODES
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "slurm"
 

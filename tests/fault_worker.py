@@ -22,9 +22,9 @@ import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.engine import DeepSpeedEngine
 
-import llm.checkpoint
+import llm.store.checkpoint
 import llm.train
-import llm.trainer
+import llm.training.trainer
 
 
 def die() -> None:
@@ -46,14 +46,14 @@ def fill_disk() -> None:
 
 
 def install(point: str, rank: int, step: int) -> None:
-    tag = llm.checkpoint.tag_for(step)
+    tag = llm.store.checkpoint.tag_for(step)
     mine = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == rank
 
     if point == "save_start":
         original = DeepSpeedEngine.save_checkpoint
 
         def save_checkpoint(self, save_dir, tag=None, **kwargs):
-            if mine and tag == llm.checkpoint.tag_for(step):
+            if mine and tag == llm.store.checkpoint.tag_for(step):
                 die()
             return original(self, save_dir, tag=tag, **kwargs)
 
@@ -74,44 +74,44 @@ def install(point: str, rank: int, step: int) -> None:
         original = DeepSpeedEngine.save_checkpoint
 
         def save_checkpoint(self, save_dir, tag=None, **kwargs):
-            if mine and tag == llm.checkpoint.tag_for(step):
+            if mine and tag == llm.store.checkpoint.tag_for(step):
                 fill_disk()
             return original(self, save_dir, tag=tag, **kwargs)
 
         DeepSpeedEngine.save_checkpoint = save_checkpoint
     elif point == "fill_at_step":
-        original = llm.trainer.lr_at
+        original = llm.training.trainer.lr_at
 
         def lr_at(s, *args):
             if mine and s + 1 == step:
                 fill_disk()
             return original(s, *args)
 
-        llm.trainer.lr_at = lr_at
+        llm.training.trainer.lr_at = lr_at
     elif point in ("before_marker", "before_pointer"):
         name = "atomic_write_json" if point == "before_marker" else "atomic_write"
-        original = getattr(llm.checkpoint, name)
+        original = getattr(llm.store.checkpoint, name)
 
         def write(path, data):
             target = Path(path)
             hit = target.parent.name == tag if point == "before_marker" else data == tag.encode()
-            if mine and hit and target.name in (llm.checkpoint.MARKER, llm.checkpoint.POINTER):
+            if mine and hit and target.name in (llm.store.checkpoint.MARKER, llm.store.checkpoint.POINTER):
                 die()
             return original(path, data)
 
-        setattr(llm.checkpoint, name, write)
+        setattr(llm.store.checkpoint, name, write)
     else:
         raise SystemExit(f"unknown fault point {point!r}")
 
 
 def slow_down(seconds: float) -> None:
-    original = llm.trainer.lr_at
+    original = llm.training.trainer.lr_at
 
     def lr_at(*args):
         time.sleep(seconds)
         return original(*args)
 
-    llm.trainer.lr_at = lr_at
+    llm.training.trainer.lr_at = lr_at
 
 
 def main() -> None:

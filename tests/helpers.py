@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from llm.config import Config
-from llm.metrics import read_history
+from llm.config.schema import Config
+from llm.training.metrics import read_history
 
 # transformers against our model on the same weights, fp32: measured at most 1.3e-6 on logits of magnitude ~2.5
 # (2026-12-05, tests/test_hf.py's five models); an exported rms_norm_eps of 0 instead of 1e-6 moves them 2e-4

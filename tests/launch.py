@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from llm.metrics import read_history
+from llm.training.metrics import read_history
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(Path(__file__).resolve().parent / "fault_worker.py")

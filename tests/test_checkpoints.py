@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from helpers import flip_bytes, make_cfg, records
 
-from llm.checkpoint import MARKER, CheckpointError, Checkpoints
+from llm.store.checkpoint import MARKER, CheckpointError, Checkpoints
 from llm.train import train
 
 MODEL_FILE = "mp_rank_00_model_states.pt"

@@ -11,8 +11,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from llm.config import Config, ConfigError, register, to_config, validate
-from llm.distributed import autocast_dtype, deepspeed_config
+from llm.config.schema import Config, ConfigError, register, to_config, validate
+from llm.parallel.distributed import autocast_dtype, deepspeed_config
 from llm.train import load_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

@@ -9,9 +9,9 @@ import torch
 from helpers import MatmulDtypes
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from llm.config import ModelConfig
+from llm.config.schema import ModelConfig
 from llm.kernels.cross_entropy import chunk_tokens, linear_cross_entropy, linear_cross_entropy_ref
-from llm.model import GPT
+from llm.model.gpt import GPT
 
 # (dtype, loss tolerance, gradient tolerance relative to the largest gradient)
 # 16-bit: the logits are the same products, so the fp32 loss agrees closely; the gradients are rounded to the

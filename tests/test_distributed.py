@@ -53,8 +53,8 @@ def export_matches(sharded, reference_run) -> None:
     transformers = pytest.importorskip("transformers")
     import torch
 
-    from llm.hf import write_hf
-    from llm.weights import load_model, load_weights
+    from llm.model.hf import write_hf
+    from llm.store.weights import load_model, load_weights
 
     assert len(list(sharded.glob("*optim_states.pt"))) == 2
     cfg, weights, tok, _ = load_weights(sharded)

@@ -6,9 +6,9 @@ import threading
 import pytest
 import torch
 
-from llm import slurm
-from llm.distributed import DistEnv, detect, gpu_index
-from llm.slurm import LaunchError
+from llm.parallel import slurm
+from llm.parallel.distributed import DistEnv, detect, gpu_index
+from llm.parallel.slurm import LaunchError
 
 LAUNCH_VARS = (
     "RANK",

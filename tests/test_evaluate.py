@@ -11,8 +11,8 @@ from launch import ROOT, environment, free_port
 
 from llm.data.dataset import TokenStream, open_windows
 from llm.evaluate import score
+from llm.store.weights import load_model
 from llm.train import train
-from llm.weights import load_model
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,8 @@ def test_an_exported_model_is_scored_over_its_own_context_by_default(run_dir, pr
     # an hf: export carries no data.seq_len: the windows default to the model's context (64 here), not the
     # schema's 256, which the model could not take
     from llm.evaluate import evaluate
-    from llm.hf import write_hf
-    from llm.weights import load_weights
+    from llm.model.hf import write_hf
+    from llm.store.weights import load_weights
 
     cfg, weights, tok, _ = load_weights(run_dir["run_dir"])
     write_hf(cfg.model, weights, tok, tmp_path / "hf")

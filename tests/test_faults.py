@@ -26,7 +26,7 @@ from launch import (
     worker_pids,
 )
 
-from llm.checkpoint import MARKER, check_checkpoint
+from llm.store.checkpoint import MARKER, check_checkpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 COMMON = REFERENCE

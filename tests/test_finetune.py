@@ -1,5 +1,5 @@
-"""Fine-tuning (llm/tasks.py, llm/data/examples.py, llm/lora.py, llm/classifier.py): the training loop with
-task=sft or task=classify, from a pretraining run, with or without LoRA."""
+"""Fine-tuning (llm/training/tasks.py, llm/data/examples.py, llm/model/lora.py, llm/model/classifier.py): the
+training loop with task=sft or task=classify, from a pretraining run, with or without LoRA."""
 
 import json
 from dataclasses import replace
@@ -10,16 +10,16 @@ import torch
 from helpers import HF_LOGITS_ATOL, classify_rows, make_cfg, one_thread, records, sft_rows, write_jsonl
 from launch import launch, overrides, run_module
 
-from llm.checkpoint import CheckpointError, Checkpoints
-from llm.classifier import Classifier
-from llm.compose import load_config
-from llm.config import ConfigError, LoraConfig, ModelConfig
-from llm.data.examples import ExampleError, pack_sft
+from llm.config.compose import load_config
+from llm.config.schema import ConfigError, LoraConfig, ModelConfig
+from llm.data.examples import IGNORE, ExampleError, pack_sft
 from llm.data.tokenizer import Tokenizer
-from llm.lora import add_lora, merge
-from llm.model import GPT, IGNORE
+from llm.model.classifier import Classifier
+from llm.model.gpt import GPT
+from llm.model.lora import add_lora, merge
+from llm.store.checkpoint import CheckpointError, Checkpoints
+from llm.store.weights import load_model, load_weights
 from llm.train import train
-from llm.weights import load_model, load_weights
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_lora_trains_only_adapters_saves_them_alone_and_merges_exactly(base, tmp
     assert changed and all(k.endswith(("attn.qkv.weight", "attn.proj.weight", "mlp.up.weight")) for k in changed)
     # exported with the adapters merged: transformers gives the fine-tuned model's logits
     transformers = pytest.importorskip("transformers")
-    from llm.hf import write_hf
+    from llm.model.hf import write_hf
 
     cfg_l, weights, tok, _ = load_weights(run / "lora")
     write_hf(cfg_l.model, weights, tok, tmp_path / "hf")
@@ -182,7 +182,7 @@ def test_fine_tuning_resumes_on_another_number_of_ranks_and_two_ranks_train_as_o
 
 def test_fine_tuning_from_an_exported_directory_is_fine_tuning_from_the_run(base, tmp_path):
     pytest.importorskip("safetensors")
-    from llm.hf import write_hf
+    from llm.model.hf import write_hf
 
     cfg, weights, tok, _ = load_weights(base["run"])
     write_hf(cfg.model, weights, tok, tmp_path / "hf")

@@ -1,4 +1,4 @@
-"""Generation with a KV cache (llm/generate.py) and loading a model out of any checkpoint (llm/weights.py)."""
+"""Generation with a KV cache (llm/generate.py) and loading a model out of any checkpoint (llm/store/weights.py)."""
 
 import subprocess
 import sys
@@ -10,15 +10,15 @@ import torch
 from helpers import flip_bytes
 from launch import ROOT, environment
 
-import llm.train as train_mod
-from llm import distributed as D
-from llm.checkpoint import CheckpointError
-from llm.config import ModelConfig
+from llm.config.schema import ModelConfig
 from llm.data.dataset import open_windows
 from llm.generate import GenerationError, Sampling, generate
-from llm.model import GPT
+from llm.model.gpt import GPT
+from llm.parallel import distributed as D
+from llm.store.checkpoint import CheckpointError
+from llm.store.weights import load_model
 from llm.train import train
-from llm.weights import load_model
+from llm.training.tasks import evaluate
 
 GPT2_STYLE = ModelConfig(vocab_size=101, n_layer=2, n_head=4, n_embd=32, max_seq_len=64)
 LLAMA_STYLE = replace(
@@ -100,7 +100,7 @@ def test_a_checkpoint_of_any_zero_stage_loads_into_a_plain_model_with_the_traine
     # the run's own val loss after step 2, recomputed by the loaded model over the same windows
     windows = open_windows(cfg.data.paths, "val", cfg.data.seq_len, cfg.train.seed, cfg.data.weights, shuffle=False)
     env = D.DistEnv(0, 1, 0, "plain")
-    loss = train_mod.evaluate(model, windows, run_cfg, env, torch.device("cpu"), tok.eos_id)
+    loss = evaluate(model, windows, run_cfg, env, torch.device("cpu"), tok.eos_id)
     assert loss == pytest.approx(out["val_loss"], abs=1e-6)
 
 

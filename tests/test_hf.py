@@ -1,4 +1,4 @@
-"""Export to and import from HuggingFace transformers (llm/hf.py, llm/export.py): transformers' own classes load
+"""Export to and import from HuggingFace transformers (llm/model/hf.py, llm/export.py): transformers' own classes load
 the exported directory and give our logits; its tokenizer gives our ids; import gives back the same model."""
 
 import json
@@ -13,13 +13,13 @@ import torch
 from helpers import HF_LOGITS_ATOL
 from launch import ROOT, environment
 
-from llm.config import ModelConfig
+from llm.config.schema import ModelConfig
 from llm.data.examples import sft_tokens
 from llm.data.tokenizer import Tokenizer, train_tokenizer
-from llm.hf import ExportError, family, model_config_of, write_hf
-from llm.model import GPT
+from llm.model.gpt import GPT
+from llm.model.hf import ExportError, family, model_config_of, write_hf
+from llm.store.weights import load_model
 from llm.train import train
-from llm.weights import load_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -47,7 +47,7 @@ def test_the_checkout_root_offers_no_other_importable_package():
 @pytest.mark.parametrize("where", ["outside", "checkout"])
 def test_our_names_resolve_into_the_checkout_and_transformers_imports_beside_them(where, tmp_path):
     code = """
-import json, llm, llm.model, llm.kernels.attention, llm.kernels.norm, llm.hf
+import json, llm, llm.model.gpt, llm.kernels.attention, llm.kernels.norm, llm.model.hf
 import transformers
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 from transformers.utils.import_utils import is_kernels_available
@@ -76,11 +76,11 @@ def test_a_wheel_holds_the_kernels_as_llm_kernels_and_imports_from_anywhere(tmp_
     assert r.returncode == 0, r.stderr[-3000:]
     (wheel,) = tmp_path.glob("llm_pretrain-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "llm/kernels/attention.py" in names and "llm/model.py" in names
+    assert "llm/kernels/attention.py" in names and "llm/model/gpt.py" in names
     assert {n.split("/")[0] for n in names if not n.startswith("llm_pretrain-")} == {"llm"}
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = "import json, llm.model, llm.kernels.attention as a; print(json.dumps({'file': a.__file__}))"
+    code = "import json, llm.model.gpt, llm.kernels.attention as a; print(json.dumps({'file': a.__file__}))"
     seen = python(code, tmp_path, PATH="/usr/bin:/bin", PYTHONPATH=str(site), PYTHONNOUSERSITE="1")
     assert Path(seen["file"]) == site / "llm" / "kernels" / "attention.py"
 
@@ -145,7 +145,7 @@ def test_refresh_lock_writes_the_newest_versions_only_when_the_tests_pass_on_the
     assert " passed" in r.stdout
     written = lock.read_text()
     lock.write_text("untouched\n")
-    r = refresh("python -c 'import llm.model' && false")
+    r = refresh("python -c 'import llm.model.gpt' && false")
     assert r.returncode != 0 and lock.read_text() == "untouched\n", r.stdout + r.stderr
     text = written
     pins = dict(line.split("==") for line in text.splitlines() if not line.startswith("#"))
@@ -175,6 +175,7 @@ def test_gpu_wheels_are_the_locks_versions_for_the_gpu_images_python(tmp_path):
         assert platform == "any" or "manylinux" in platform and "x86_64" in platform, w.name
     assert "deepspeed" in wheels and "hydra-core" in wheels and "pydantic-core" in wheels
     assert wheels == {name: lock[name] for name in wheels}
-    r = subprocess.run([sys.executable, str(ROOT / "tools/gpu_wheels.py"), "--lock", tmp_path / "none"], text=True,
-                       capture_output=True)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools/gpu_wheels.py"), "--lock", tmp_path / "none"], text=True, capture_output=True
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: [Errno 2] No such file or directory")

@@ -1,7 +1,7 @@
 """Every kernel configuration compiles for Hopper (sm_90), Ampere (sm_80) and Ada (sm_89, 99 KB of shared memory)
 without a GPU, within each target's shared memory; every 16-bit attention product runs on tensor cores (wgmma
 only on sm_90), every attention kernel's loops are pipelined (asynchronous copies, with documents too) and
-nothing spills but fp32 attention and the norm backward at its largest rows. Runs llm.kernels.compile_check in a
+nothing spills but fp32 attention and the norm backward at its largest rows. Runs tools/compile_check.py in a
 subprocess: kernels decorated under the interpreter (as in this test process) cannot be compiled.
 """
 
@@ -31,10 +31,11 @@ $L__BB0_3:
 """
 
 
-def test_loops_are_found_and_an_unpipelined_one_is_told_apart():
+def test_loops_are_found_and_an_unpipelined_one_is_told_apart(monkeypatch):
     # two loops (backward branches), the second loading with plain ld.global: its products wait on each load;
     # a forward branch is no loop
-    from llm.kernels.compile_check import loops
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    from compile_check import loops
 
     assert loops(PTX) == [
         {"lines": 3, "products": 1, "async_copies": 1},
@@ -47,7 +48,7 @@ def test_every_kernel_compiles_for_sm90_sm80_and_sm89(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "compile.json"
     r = subprocess.run(
-        [sys.executable, "-m", "llm.kernels.compile_check", "--json", str(out)],
+        [sys.executable, "tools/compile_check.py", "--json", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,

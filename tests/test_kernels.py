@@ -328,8 +328,8 @@ def test_dispatch_is_explicit_and_logged(caplog):
 def test_model_gives_the_same_loss_and_gradients_with_either_implementation():
     from dataclasses import replace
 
-    from llm.config import ModelConfig
-    from llm.model import GPT
+    from llm.config.schema import ModelConfig
+    from llm.model.gpt import GPT
 
     cfg = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, max_seq_len=64, pos="rope")
     results = []
@@ -410,8 +410,8 @@ def test_what_the_document_ids_give_is_computed_once_per_step(monkeypatch, impl)
     # tensor changed in place, or a new one, is derived afresh (and the loss follows it)
     from dataclasses import replace
 
-    from llm.config import ModelConfig
-    from llm.model import GPT
+    from llm.config.schema import ModelConfig
+    from llm.model.gpt import GPT
 
     attn = attention_module
     calls = {"mask": 0, "ranges": 0, "int32": 0}

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-import llm.metrics as metrics
-from llm.metrics import DevicePeak, gpu_peak, read_history
+import llm.training.metrics as metrics
+from llm.training.metrics import DevicePeak, gpu_peak, read_history
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,10 @@ import pytest
 import torch
 import yaml
 
-from llm.classifier import Classifier
-from llm.config import LoraConfig, ModelConfig
-from llm.lora import add_lora
-from llm.model import GPT, padded_vocab
+from llm.config.schema import LoraConfig, ModelConfig
+from llm.model.classifier import Classifier
+from llm.model.gpt import GPT, padded_vocab
+from llm.model.lora import add_lora
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 SMALL = ModelConfig(vocab_size=101, n_layer=2, n_head=4, n_embd=32, max_seq_len=64)

@@ -12,12 +12,12 @@ import pytest
 import torch
 from helpers import records
 
-import llm.trainer as train_mod
-from llm.checkpoint import MARKER, POINTER, SUSPECT, CheckpointError, Checkpoints
-from llm.faults import TrainingStopped
-from llm.model import GPT
-from llm.optim import SkippableAdamW
+import llm.training.trainer as train_mod
+from llm.model.gpt import GPT
+from llm.store.checkpoint import MARKER, POINTER, SUSPECT, CheckpointError, Checkpoints
 from llm.train import train
+from llm.training.faults import TrainingStopped
+from llm.training.optim import SkippableAdamW
 
 
 def poison_forward(monkeypatch, bad_calls: set[int]):

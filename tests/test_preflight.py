@@ -1,6 +1,6 @@
-"""The launch's pre-flight (llm/preflight.py) on two real gloo ranks: a healthy launch passes; a rank that does not
-see rank 0's run directory, or whose all-reduce gives a wrong answer, fails the launch on every rank with one
-message naming that rank and its node. (Two ranks driving one GPU needs GPUs: not tested here.)"""
+"""The launch's pre-flight (llm/training/preflight.py) on two real gloo ranks: a healthy launch passes; a rank
+that does not see rank 0's run directory, or whose all-reduce gives a wrong answer, fails the launch on every
+rank with one message naming that rank and its node. (Two ranks driving one GPU needs GPUs: not tested here.)"""
 
 import subprocess
 import sys
@@ -19,7 +19,7 @@ RANK = textwrap.dedent(
     import torch
     import torch.distributed as dist
 
-    from llm.preflight import PreflightError, preflight
+    from llm.training.preflight import PreflightError, preflight
 
     rank, fault, run_dir = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -73,7 +73,7 @@ def test_a_healthy_launch_passes_and_leaves_no_token(tmp_path):
     ],
 )
 def test_a_broken_rank_fails_every_rank_naming_it(tmp_path, fault, problem):
-    from llm.slurm import node_name
+    from llm.parallel.slurm import node_name
 
     said = run_two_ranks(tmp_path, fault)
     expected = "pre-flight: " + problem.format(node=node_name(), run=tmp_path / "run")

@@ -119,7 +119,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, corpus_
     with pytest.raises(Interrupt):
         run([corpus_dir], tokenizer_dir, out, on_checkpoint=stop_after_second, workers=2)
     assert not (out / "manifest.json").exists()
-    with pytest.raises(ShardError, match="interrupted preparation: rerun the same prepare_data.py command"):
+    with pytest.raises(ShardError, match="interrupted preparation: rerun the same python -m llm.prepare_data command"):
         open_split(out, "train")
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*_0000*.bin")}
     assert kept
@@ -272,7 +272,7 @@ def test_a_val_share_far_from_the_fraction_asked_is_warned_about(tmp_path, token
 def test_a_tokenizer_built_for_other_options_is_refused_before_any_work(tmp_path, corpus_dir):
     # the demo's data is built on first use; built earlier with another vocabulary (or digit rule) it would be
     # used quietly: refused in one line naming both and the fix. A tokenizer of other inputs is the user's own.
-    from llm.config import DataConfig
+    from llm.config.schema import DataConfig
     from llm.data.prepare import ensure_data
     from llm.data.tokenizer import TokenizerError
 
@@ -298,7 +298,7 @@ def test_a_missing_data_path_is_an_error_unless_it_is_the_demos_own(tmp_path, cf
     # a mistyped data.paths (or data.tokenizer) with the default corpus once had the demo's corpus prepared into
     # it and trained on without a word; now only the demo's own paths are built, and a corpus of one's own is
     # built wherever it is asked to
-    from llm.config import DataConfig
+    from llm.config.schema import DataConfig
     from llm.data.prepare import ensure_data
     from llm.data.shards import ShardError
     from llm.train import train
@@ -318,10 +318,13 @@ def test_a_missing_data_path_is_an_error_unless_it_is_the_demos_own(tmp_path, cf
 
 
 def test_an_addition_of_a_key_the_schema_does_not_have_is_refused(tmp_path):
-    from llm.compose import load_config
-    from llm.config import ConfigError
+    from llm.config.compose import load_config
+    from llm.config.schema import ConfigError
 
-    with pytest.raises(ConfigError, match=r"bad override: \+train\.max_step=3: 'train\.max_step' is not a setting; "
-                       r"did you mean train\.max_steps\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"bad override: \+train\.max_step=3: 'train\.max_step' is not a setting; "
+        r"did you mean train\.max_steps\?",
+    ):
         load_config(["+train.max_step=3"])
     assert load_config(["++train.max_steps=3"]).train.max_steps == 3  # ++ on a key that exists: allowed

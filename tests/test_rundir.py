@@ -1,4 +1,4 @@
-"""A run directory stands on its own (llm/rundir.py): a run trained with relative paths, as the demo is, is
+"""A run directory stands on its own (llm/store/rundir.py): a run trained with relative paths, as the demo is, is
 resumed, exported, sampled, evaluated and fine-tuned from any other working directory, and from a copy of its
 tree mounted elsewhere (with the original gone), using the tokenizer it carries or, without it, the one its
 settings name, found again where the tree moved."""
@@ -14,10 +14,10 @@ import pytest
 from helpers import records, sft_rows, write_jsonl
 from launch import environment, overrides
 
-from llm.checkpoint import CheckpointError
 from llm.data.tokenizer import Tokenizer
-from llm.rundir import RECORD, TOKENIZER_DIR, Origin
-from llm.weights import load_weights
+from llm.store.checkpoint import CheckpointError
+from llm.store.rundir import RECORD, TOKENIZER_DIR, Origin
+from llm.store.weights import load_weights
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""One process at a time in a run directory (llm/runlock.py): a second launch on a live run refuses in one line
+"""One process at a time in a run directory (llm/training/runlock.py): a second launch on a live run refuses in one line
 naming the holder and touches nothing of it; a lock whose holder is gone is taken over (a dead pid on this
 host, the same Slurm job requeued, a holder on another host that stopped renewing it). The Slurm requeue
 tests (test_slurm.py) take over the lock of the attempt they replace."""
@@ -12,8 +12,8 @@ import time
 import pytest
 from launch import ROOT, WORKER, environment, losses, outcome, overrides, wait_for_step
 
-from llm import runlock
-from llm.runlock import RunLock, RunLocked
+from llm.training import runlock
+from llm.training.runlock import RunLock, RunLocked
 
 
 def test_a_second_launch_on_a_live_run_refuses_naming_it_and_touches_nothing(tmp_path, prepared_dir, tokenizer_dir):

@@ -20,8 +20,8 @@ from launch import ROOT, launch, losses, overrides
 sys.path.insert(0, str(ROOT / "tools"))
 from slurm_cluster import Cluster, SlurmUnavailable  # noqa: E402
 
-from llm.checkpoint import check_checkpoint
-from llm.metrics import read_history
+from llm.store.checkpoint import check_checkpoint
+from llm.training.metrics import read_history
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # all in this file: one worker runs them (conftest.py)
 SHIM = str(ROOT / "tests" / "python_with_faults.sh")
@@ -207,7 +207,7 @@ def test_a_finetune_job_is_preempted_requeued_and_resumes_exactly(cluster, tmp_p
     # same losses as one uninterrupted run in this process (2 ranks x 1 micro-batch sum as 1 rank x 2)
     from helpers import make_cfg, one_thread, records, sft_rows, write_jsonl
 
-    from llm.compose import load_config
+    from llm.config.compose import load_config
     from llm.train import train
 
     with one_thread():  # as the job's ranks

@@ -1,4 +1,4 @@
-"""Storage faults on real file systems (llm/storage.py): a disk that fills up during a checkpoint save or a
+"""Storage faults on real file systems (llm/store/storage.py): a disk that fills up during a checkpoint save or a
 metrics append, a read-only run directory or checkpoints directory, too little room for a checkpoint, paths
 that cannot exist. Each is one line, outcome `storage` (exit 6, which the job script does not requeue), damages
 nothing earlier, and once the cause is gone the run resumes exactly.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from launch import ROOT, WORKER, environment, launch, losses, outcome, overrides
 
-from llm.checkpoint import MARKER, POINTER
+from llm.store.checkpoint import MARKER, POINTER
 
 pytestmark = pytest.mark.slow
 SMALL = ("train.max_steps=6", "train.ckpt_every_steps=2", "train.eval_every=3")
@@ -97,9 +97,7 @@ def test_a_history_cut_short_is_ended_and_skipped(tmp_path, prepared_dir, tokeni
 
 
 @pytest.mark.parametrize("part", ["run directory", "checkpoints"])
-def test_a_read_only_place_stops_the_run_before_its_first_step_naming_it(
-    tmp_path, prepared_dir, tokenizer_dir, part
-):
+def test_a_read_only_place_stops_the_run_before_its_first_step_naming_it(tmp_path, prepared_dir, tokenizer_dir, part):
     run_dir = tmp_path / "runs" / "ro"
     target = run_dir if part == "run directory" else run_dir / "checkpoints"
     with tmpfs(target, "1m", read_only=True):

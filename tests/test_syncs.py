@@ -65,6 +65,6 @@ def test_a_training_step_synchronises_once(monkeypatch, tmp_path, prepared_dir, 
     ours = {where: n for where, n in extra.items() if "/deepspeed/" not in where}
     theirs = {where: n for where, n in extra.items() if "/deepspeed/" in where}
     ((where, n),) = ours.items()  # one place, once a step: the decision all ranks take together
-    assert where.startswith("tolist at") and "llm/distributed.py" in where and n == 4, extra
+    assert where.startswith("tolist at") and "llm/parallel/distributed.py" in where and n == 4, extra
     assert sum(theirs.values()) == 4 * DEEPSPEED_PER_STEP[stage, precision], extra
     assert all("deepspeed/runtime/utils.py" in where for where in theirs), extra

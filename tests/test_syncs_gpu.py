@@ -60,7 +60,7 @@ def test_a_training_step_synchronises_the_gpu_once(monkeypatch, tmp_path, prepar
     extra = counts[8] - counts[4]
     # one place, once a step: the decision all ranks take together (all_max's copy to the host, distributed.py)
     ((where, n),) = extra.items()
-    assert "llm/distributed.py" in where and n == 4, extra
+    assert "llm/parallel/distributed.py" in where and n == 4, extra
 
 
 def test_bf16_without_zero_runs_every_product_in_bf16_on_the_gpu(tmp_path, prepared_dir, tokenizer_dir):

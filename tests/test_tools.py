@@ -18,17 +18,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def tool(name, *args):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True, text=True, cwd=ROOT
-    )
+    """tools/NAME, or the command `python -m llm.NAME` for a name without .py"""
+    script = [str(ROOT / "tools" / name)] if name.endswith(".py") else ["-m", f"llm.{name}"]
+    return subprocess.run([sys.executable, *script, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
 
 def test_train_tokenizer_then_prepare_then_verify(tmp_path, corpus_dir):
-    r = tool("train_tokenizer.py", "--input", corpus_dir, "--vocab-size", 400, "--output", tmp_path / "tok")
+    r = tool("train_tokenizer", "--input", corpus_dir, "--vocab-size", 400, "--output", tmp_path / "tok")
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and (tmp_path / "tok" / "tokenizer.model").is_file()
     r = tool(
-        "prepare_data.py",
+        "prepare_data",
         "--input",
         corpus_dir,
         "--tokenizer",
@@ -53,12 +53,12 @@ def test_train_tokenizer_then_prepare_then_verify(tmp_path, corpus_dir):
         "2",
         "--no-progress",
     ]
-    r = tool("prepare_data.py", "--verify", tmp_path / "out")
+    r = tool("prepare_data", "--verify", tmp_path / "out")
     assert r.returncode == 0 and r.stdout.startswith("ok")
 
     shard = tmp_path / "out" / "train_00000.bin"
     shard.write_bytes(b"\x01\x00" + shard.read_bytes()[2:])
-    r = tool("prepare_data.py", "--verify", tmp_path / "out")
+    r = tool("prepare_data", "--verify", tmp_path / "out")
     assert r.returncode == 1
     assert "BAD train shard train_00000.bin: sha256" in r.stderr
 
@@ -66,10 +66,10 @@ def test_train_tokenizer_then_prepare_then_verify(tmp_path, corpus_dir):
 @pytest.mark.parametrize(
     "name, args, message",
     [
-        ("train_tokenizer.py", ["--input", "/nonexistent/x", "--output", "o"], "input path does not exist"),
-        ("prepare_data.py", ["--verify", "/nonexistent/d"], "data directory does not exist"),
+        ("train_tokenizer", ["--input", "/nonexistent/x", "--output", "o"], "input path does not exist"),
+        ("prepare_data", ["--verify", "/nonexistent/d"], "data directory does not exist"),
         (
-            "prepare_data.py",
+            "prepare_data",
             ["--input", "stdlib", "--tokenizer", "/nonexistent/t", "--output", "o"],
             "tokenizer file missing",
         ),
@@ -85,7 +85,7 @@ def test_bad_input_gives_one_error_line(name, args, message):
 
 
 def test_prepare_without_inputs_shows_usage():
-    r = tool("prepare_data.py", "--output", "x")
+    r = tool("prepare_data", "--output", "x")
     assert r.returncode == 2 and "missing --input, --tokenizer" in r.stderr
 
 

@@ -13,13 +13,13 @@ import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 from helpers import MatmulDtypes, records
 
-import llm.trainer as train_mod
-from llm.checkpoint import MARKER, CheckpointError, Checkpoints
-from llm.config import OptimConfig
+import llm.training.trainer as train_mod
+from llm.config.schema import OptimConfig
 from llm.data.tokenizer import Tokenizer
-from llm.model import GPT
-from llm.optim import SkippableAdamW, build_optimizer, lr_at
+from llm.model.gpt import GPT
+from llm.store.checkpoint import MARKER, CheckpointError, Checkpoints
 from llm.train import train
+from llm.training.optim import SkippableAdamW, build_optimizer, lr_at
 
 
 def test_loss_falls_and_the_run_directory_is_complete(cfg_factory):
@@ -139,7 +139,7 @@ def test_an_unfused_optimizer_state_loads_and_the_step_stays_fused():
 
 
 def test_lr_schedules():
-    from llm.config import OptimConfig
+    from llm.config.schema import OptimConfig
 
     cos = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10)
     assert lr_at(0, 100, cos) == pytest.approx(0.1) and lr_at(9, 100, cos) == pytest.approx(1.0)

@@ -1,5 +1,5 @@
 """Worker processes end when told to: a pool started by a process that catches SIGTERM/SIGUSR1 (the training,
-llm/faults.py: StopSignal) runs its workers with the default dispositions (llm/data/workers.py). With the
+llm/training/faults.py: StopSignal) runs its workers with the default dispositions (llm/data/workers.py). With the
 handlers inherited, `Pool.terminate()`'s SIGTERM was recorded instead of ending a worker, and the data
 preparation the training starts hung after tokenizing everything."""
 
@@ -13,7 +13,7 @@ import textwrap
 import llm.data.prepare as prepare_module
 from llm.data.prepare import PrepareConfig, prepare
 from llm.data.workers import worker_pool
-from llm.faults import StopSignal
+from llm.training.faults import StopSignal
 
 STOP = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -21,9 +21,9 @@ STOP = (signal.SIGTERM, signal.SIGUSR1)
 def dispositions() -> dict:
     """This process's handler and blocked state of each stop signal (run in a worker)."""
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    return {
-        s.name: {"default": signal.getsignal(s) == signal.SIG_DFL, "blocked": s in blocked} for s in STOP
-    } | {"pid": os.getpid()}
+    return {s.name: {"default": signal.getsignal(s) == signal.SIG_DFL, "blocked": s in blocked} for s in STOP} | {
+        "pid": os.getpid()
+    }
 
 
 def assert_default(seen: list[dict]) -> None:
@@ -77,7 +77,7 @@ def test_the_preparation_ends_every_time_inside_a_process_with_the_trainings_han
     script = textwrap.dedent(
         f"""
         from llm.data.prepare import PrepareConfig, prepare
-        from llm.faults import StopSignal
+        from llm.training.faults import StopSignal
 
         stop = StopSignal()
         for i in range(20):
@@ -88,7 +88,11 @@ def test_the_preparation_ends_every_time_inside_a_process_with_the_trainings_han
         """
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
         start_new_session=True,
     )
     try:

@@ -31,7 +31,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 from _results import write_json
 
-from llm.metrics import read_history
+from llm.training.metrics import read_history
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {  # a short step: the checkpoint is the subject, not the training

@@ -25,9 +25,9 @@ import torch
 import yaml
 from _results import write_json
 
-from llm.config import ModelConfig
+from llm.config.schema import ModelConfig
 from llm.generate import Sampling, generate
-from llm.model import GPT
+from llm.model.gpt import GPT
 
 ROOT = Path(__file__).resolve().parent.parent
 

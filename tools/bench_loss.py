@@ -44,13 +44,13 @@ def one(variant: str, layers: int, batch: int, seq: int, steps: int, vocab: int,
     """Run the variant (plain, fused or liger) in this process; return its measurements."""
     import torch
 
-    import llm.model
-    from llm.config import ModelConfig
-    from llm.model import GPT
+    import llm.model.gpt
+    from llm.config.schema import ModelConfig
+    from llm.model.gpt import GPT
 
     fused = variant != "plain"
     if variant == "liger":  # the model's fused head and loss, computed by Liger-Kernel's instead of ours
-        llm.model.linear_cross_entropy = _liger.linear_cross_entropy
+        llm.model.gpt.linear_cross_entropy = _liger.linear_cross_entropy
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

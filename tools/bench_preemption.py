@@ -31,7 +31,7 @@ import _bootstrap  # noqa: F401
 from _results import write_json
 from slurm_cluster import Cluster
 
-from llm.compose import load_config
+from llm.config.compose import load_config
 from llm.data.prepare import ensure_data
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,15 +34,15 @@ import _bootstrap  # noqa: F401
 import torch
 from _results import write_json
 
-import llm.trainer as train_mod
-from llm import distributed as D
+import llm.training.trainer as train_mod
 from llm.data.dataset import BatchLoader
 from llm.data.prepare import ensure_data
 from llm.data.tokenizer import Tokenizer
-from llm.metrics import MetricsLogger
-from llm.model import GPT
-from llm.optim import SkippableAdamW
+from llm.model.gpt import GPT
+from llm.parallel import distributed as D
 from llm.train import load_config, train
+from llm.training.metrics import MetricsLogger
+from llm.training.optim import SkippableAdamW
 
 ROOT = Path(__file__).resolve().parent.parent
 

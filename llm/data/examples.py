@@ -28,8 +28,10 @@ import torch
 
 from llm.data.dataset import EpochOrder
 from llm.data.tokenizer import Tokenizer
-from llm.model import IGNORE
 
+# A target that contributes no loss (F.cross_entropy's default ignore_index): the data marks prompt and padding
+# tokens with it, the model's loss skips it.
+IGNORE = -100
 ROLES = ("system", "user", "assistant")
 # The same rendering as a transformers chat template (exported in tokenizer_config.json; the EOS that ends a
 # training conversation is not in it: generation stops at EOS by itself)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from llm.config import DataConfig
+from llm.config.schema import DataConfig
 from llm.data.corpus import Corpus, CorpusStats, ReadOptions, Segment, read_segment, segment_size
 from llm.data.files import atomic_write, atomic_write_json, sha256_file
 from llm.data.shards import (
@@ -410,9 +410,9 @@ def ensure_data(data_cfg, demo: tuple[list[str], str] | None = None, verbose: bo
             exists = (Path(path) / (MODEL_FILE if kind == "tokenizer" else MANIFEST)).is_file()
             if not exists and path not in (*demo[0], demo[1]):
                 raise ShardError(
-                    f"{kind} {path} does not exist: prepare it (tools/train_tokenizer.py, tools/prepare_data.py) or "
-                    f"correct the path; only the demo's own {' and '.join((*demo[0], demo[1]))} are built from the "
-                    "default corpus automatically"
+                    f"{kind} {path} does not exist: prepare it (python -m llm.train_tokenizer, python -m "
+                    f"llm.prepare_data) or correct the path; only the demo's own {' and '.join((*demo[0], demo[1]))} "
+                    "are built from the default corpus automatically"
                 )
     if (Path(data_cfg.tokenizer) / MODEL_FILE).is_file():
         check_built_tokenizer(data_cfg)

@@ -50,20 +50,22 @@ class Tokenizer:
     def load(cls, directory: str | Path) -> Tokenizer:
         d = Path(directory)
         model, sidecar = d / MODEL_FILE, d / SIDECAR_FILE
-        if model.is_file() and (d / "tokenizer_config.json").is_file():  # a transformers export (llm/hf.py)
+        if model.is_file() and (d / "tokenizer_config.json").is_file():  # a transformers export (llm/model/hf.py)
             return cls.from_model_file(model)
         for f in (model, sidecar):
             if not f.is_file():
-                raise TokenizerError(f"tokenizer file missing: {f}; train one with tools/train_tokenizer.py")
+                raise TokenizerError(f"tokenizer file missing: {f}; train one with python -m llm.train_tokenizer")
         try:
             meta = json.loads(sidecar.read_text())
         except ValueError as e:
-            raise TokenizerError(f"{sidecar} is not valid JSON ({e}); retrain with tools/train_tokenizer.py") from None
+            raise TokenizerError(
+                f"{sidecar} is not valid JSON ({e}); retrain with python -m llm.train_tokenizer"
+            ) from None
         digest = sha256_file(model)
         if meta.get("sha256") != digest:
             raise TokenizerError(
                 f"{model} has sha256 {digest} but {sidecar} records {meta.get('sha256')}: the two files are "
-                "from different trainings; retrain with tools/train_tokenizer.py"
+                "from different trainings; retrain with python -m llm.train_tokenizer"
             )
         sp = spm.SentencePieceProcessor(model_file=str(model))
         return cls(d, sp, meta)
@@ -173,26 +175,32 @@ def train_tokenizer(
             f"--vocab-size {vocab_size} is below this corpus's character vocabulary ({sp.vocab_size()} ids with the "
             "special ones): a char tokenizer keeps every character; leave --vocab-size out or raise it"
         )
+    record = {
+        "requested_vocab_size": vocab_size,
+        "input_sentence_size": input_sentence_size,
+        "character_coverage": character_coverage,
+        "seed": seed,
+        "text_field": text_field,
+        "split_digits": split_digits,
+    }
+    trained_on = {"inputs": list(inputs), "sentences": counted.n, **stats.as_dict()}
+    return _save(Path(output), model_bytes, model_type, byte_fallback, record, trained_on)
+
+
+def _save(out: Path, model_bytes: bytes, model_type: str, byte_fallback: bool, options: dict, trained_on: dict):
+    """Write the model and its sidecar (what it is, how it was trained, its sha256); load them back."""
     meta = {
         "format": FORMAT,
         "model_file": MODEL_FILE,
         "sha256": hashlib.sha256(model_bytes).hexdigest(),
-        "vocab_size": sp.vocab_size(),
+        "vocab_size": spm.SentencePieceProcessor(model_proto=model_bytes).vocab_size(),
         "model_type": model_type,
         **SPECIAL_IDS,
         "byte_fallback": byte_fallback,
-        "options": {
-            "requested_vocab_size": vocab_size,
-            "input_sentence_size": input_sentence_size,
-            "character_coverage": character_coverage,
-            "seed": seed,
-            "text_field": text_field,
-            "split_digits": split_digits,
-        },
-        "trained_on": {"inputs": list(inputs), "sentences": counted.n, **stats.as_dict()},
+        "options": options,
+        "trained_on": trained_on,
         "sentencepiece_version": spm.__version__,
     }
-    out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / MODEL_FILE, model_bytes)
     atomic_write_json(out / SIDECAR_FILE, meta)

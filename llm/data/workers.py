@@ -1,7 +1,7 @@
 """Worker process pools that end when told to, whatever handlers the process that starts them has installed.
 
 A forked worker inherits its parent's signal handlers: a pool started by the training process (which catches
-SIGUSR1/SIGTERM to checkpoint and stop, llm/faults.py: StopSignal) would have workers that record the SIGTERM
+SIGUSR1/SIGTERM to checkpoint and stop, llm/training/faults.py: StopSignal) would have workers that record the SIGTERM
 with which `Pool.terminate()` ends them instead of ending, and the pool's exit could wait on them forever.
 So every worker resets each handler its parent installed in Python to the default disposition, with those
 signals blocked from before the fork until the reset (a signal in between is delivered, by default, after it).

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llm.slurm import node_name
+from llm.parallel.slurm import node_name
 
 
 class PreflightError(RuntimeError):

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from llm.config import RUNTIME_MODEL_FIELDS
+from llm.config.schema import RUNTIME_MODEL_FIELDS
 from llm.data.files import atomic_write, atomic_write_json
-from llm.distributed import on_rank0
-from llm.ds_patches import repair_zero3_universal_load
+from llm.parallel.distributed import on_rank0
+from llm.parallel.ds_patches import repair_zero3_universal_load
 
 FORMAT = "llm-checkpoint/2"
 MARKER = "COMPLETE.json"

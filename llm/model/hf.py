@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from llm.config import RUNTIME_MODEL_FIELDS, ModelConfig
+from llm.config.schema import RUNTIME_MODEL_FIELDS, ModelConfig
 from llm.data.examples import CHAT_TEMPLATE
 from llm.data.tokenizer import Tokenizer
-from llm.model import mlp_hidden, padded_vocab
+from llm.model.gpt import mlp_hidden, padded_vocab
 
 
 class ExportError(ValueError):

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm.model import GPT
+from llm.model.gpt import GPT
 
 
 class Classifier(nn.Module):

@@ -2,7 +2,7 @@
 the full fp32 weights, ready for a plain `GPT` on one device (generation, evaluation, export, fine-tuning).
 
     cfg, model, tokenizer = load_model("runs/demo")   # a run directory, its checkpoints/ or one step_* directory
-    cfg, model, tokenizer = load_model("hf:exports/demo")   # a transformers GPT-2 / Llama directory (llm/hf.py)
+    cfg, model, tokenizer = load_model("hf:exports/demo")   # a transformers GPT-2 / Llama directory (llm/model/hf.py)
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from typing import NamedTuple
 import torch
 from omegaconf import OmegaConf
 
-from llm.checkpoint import POINTER, CheckpointError, Checkpoints, check_checkpoint, read_pointer
-from llm.config import Config
+from llm.config.schema import Config
 from llm.data.tokenizer import Tokenizer
-from llm.lora import merge
-from llm.model import GPT
-from llm.rundir import HF_PREFIX, Origin, PathNotFound, run_tokenizer
+from llm.model.gpt import GPT
+from llm.model.lora import merge
+from llm.store.checkpoint import POINTER, CheckpointError, Checkpoints, check_checkpoint, read_pointer
+from llm.store.record import RunRecord
+from llm.store.rundir import HF_PREFIX, Origin, PathNotFound, run_tokenizer
 
 MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
@@ -59,18 +60,17 @@ def _fp32_weights(tag_dir: Path, states: dict, zero_stage: int) -> dict[str, tor
     return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
 
 
-
-def _origin(client: dict, run_dir: Path | None) -> Origin:
+def _origin(record: RunRecord, run_dir: Path | None) -> Origin:
     """Where the run was started (checkpoints written before the run recorded it: this directory)."""
-    if "origin" in client:
-        return Origin(**client["origin"])
+    if record.origin is not None:
+        return Origin(**record.origin)
     return Origin(os.getcwd(), str((run_dir or Path.cwd()).absolute()))
 
 
-def _tokenizer(cfg: Config, client: dict, run_dir: Path | None, origin: Origin, tag_dir: Path) -> Tokenizer:
+def _tokenizer(cfg: Config, record: RunRecord, run_dir: Path | None, origin: Origin, tag_dir: Path) -> Tokenizer:
     """The tokenizer a checkpoint was trained with: the run directory's own copy, else the one its settings name
     (found where the run was started, or where the tree has moved to); checked against the recorded sha256."""
-    sha = client.get("tokenizer_sha256")
+    sha = record.tokenizer_sha256
     if run_dir is not None and (tok := run_tokenizer(run_dir, sha)) is not None:
         return tok
     try:
@@ -107,7 +107,7 @@ def load_weights(path: str | Path) -> Weights:
     """The settings, full weights and tokenizer of a checkpoint (any ZeRO stage, any number of ranks; a LoRA
     run's adapters merged into the weights it was initialised from) or of a transformers directory "hf:DIR"."""
     if str(path).startswith(HF_PREFIX):
-        from llm.hf import read_hf
+        from llm.model.hf import read_hf
 
         model_cfg, weights, tok = read_hf(str(path)[len(HF_PREFIX) :])
         cfg = Config(model=model_cfg)
@@ -115,33 +115,31 @@ def load_weights(path: str | Path) -> Weights:
         return Weights(cfg, weights, tok, None)
     tag_dir = find_checkpoint(path)
     states = _client_state(tag_dir)
-    client = states.get("llm")
-    if not client or "config" not in client:
-        raise CheckpointError(f"{tag_dir} was not written by llm.train (no run settings in it)")
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), client["config"]))
+    record = RunRecord.from_client_state(states, tag_dir)
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), record.config))
     run_dir = tag_dir.parent.parent if tag_dir.parent.name == "checkpoints" else None
-    origin = _origin(client, run_dir)
-    tok = _tokenizer(cfg, client, run_dir, origin, tag_dir)
+    origin = _origin(record, run_dir)
+    tok = _tokenizer(cfg, record, run_dir, origin, tag_dir)
     cfg.data.tokenizer = str(tok.directory)
     cfg.data.paths = [origin.resolve(p, run_dir) for p in cfg.data.paths]  # e.g. what evaluate scores by default
     weights = _fp32_weights(tag_dir, states, Checkpoints.meta(tag_dir)["zero_stage"])
     del states
     prefix = "trunk." if cfg.task == "classify" else ""
     if cfg.lora.rank:  # only the adapters (and a head) were saved: add them to the weights the run started from
-        base = load_weights(origin.resolve(client["init_checkpoint"], run_dir)).weights
+        base = load_weights(origin.resolve(record.task["init_checkpoint"], run_dir)).weights
         weights = merge({**{prefix + k: v for k, v in base.items()}, **weights}, cfg.lora)
     if cfg.model.tie_embeddings and prefix + "lm_head.weight" not in weights:
         weights[prefix + "lm_head.weight"] = weights[prefix + "wte.weight"]
-    return Weights(cfg, weights, tok, client.get("labels"))
+    return Weights(cfg, weights, tok, record.task.get("labels"))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Config, torch.nn.Module, Tokenizer]:
     """(the run's config, its model with the checkpoint's weights in eval mode on `device`, its tokenizer). The
-    model is a GPT, or for a classification run a Classifier (llm/classifier.py) with its `labels`."""
+    model is a GPT, or for a classification run a Classifier (llm/model/classifier.py) with its `labels`."""
     cfg, weights, tok, labels = load_weights(path)
     model = GPT(cfg.model)
     if cfg.task == "classify":
-        from llm.classifier import Classifier
+        from llm.model.classifier import Classifier
 
         model = Classifier(model, len(labels), cfg.finetune.pooling)
         model.labels = labels

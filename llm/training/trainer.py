@@ -6,7 +6,8 @@ together, accounts for it, logs, evaluates, then checkpoints or stops.
     summary = trainer.run()
 
 The run's progress (step, tokens, skipped steps, W&B id) is a RunState; what a checkpoint carries besides the
-engine's state is written by `client_state` and read back by `resume` (and by llm/weights.py for the settings).
+engine's state is a RunRecord (llm/store/record.py: the schema, also read by llm/store/weights.py), made by `record`
+and read back by `resume`.
 """
 
 from __future__ import annotations
@@ -15,33 +16,34 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from llm import distributed as D
-from llm.checkpoint import CheckpointError, Checkpoints, check_checkpoint, check_resumable, tag_for
-from llm.compose import run_dir_of
-from llm.config import Config, ConfigError
+from llm.config.compose import run_dir_of
+from llm.config.schema import Config, ConfigError
 from llm.data.corpus import CorpusError
 from llm.data.examples import ExampleError
 from llm.data.shards import ShardError
 from llm.data.tokenizer import Tokenizer, TokenizerError
-from llm.distributed import all_max
-from llm.ds_patches import exclude_tied_frozen_parameters
-from llm.faults import NonFiniteGuard, StopSignal, TrainingStopped, weights_finite
-from llm.metrics import DevicePeak, MetricsLogger, new_run_id
-from llm.model import GPT
-from llm.optim import build_optimizer, grad_norm_of, lr_at
-from llm.preflight import PreflightError
-from llm.rng import rng_state, seed_everything, set_rng_state
-from llm.rundir import Origin, keep_tokenizer, resolve_paths
-from llm.slurm import LaunchError
-from llm.storage import StorageError, check_writable, checkpoint_bytes, explain, storage_error
-from llm.tasks import make_task, to_device
+from llm.model.gpt import GPT
+from llm.parallel import distributed as D
+from llm.parallel.distributed import all_max
+from llm.parallel.ds_patches import exclude_tied_frozen_parameters
+from llm.parallel.slurm import LaunchError
+from llm.store.checkpoint import CheckpointError, Checkpoints, check_checkpoint, check_resumable, tag_for
+from llm.store.record import RunRecord, RunState
+from llm.store.rundir import Origin, keep_tokenizer, resolve_paths
+from llm.store.storage import StorageError, check_writable, checkpoint_bytes, explain, storage_error
+from llm.training.faults import NonFiniteGuard, StopSignal, TrainingStopped, weights_finite
+from llm.training.metrics import DevicePeak, MetricsLogger
+from llm.training.optim import build_optimizer, grad_norm_of, lr_at
+from llm.training.preflight import PreflightError
+from llm.training.rng import rng_state, seed_everything, set_rng_state
+from llm.training.tasks import make_task, to_device
 
 # what a run refuses, in one line, as bad input (exit 2)
 BAD_INPUT = (
@@ -63,24 +65,6 @@ def sample_text(model: GPT, tok: Tokenizer, n_tokens: int, seed: int, device, pr
     out = model.generate(ids, n_tokens, generator=g)
     model.train()
     return tok.decode(out[0].tolist())
-
-
-@dataclass
-class RunState:
-    """The run's progress besides the weights and the optimizer (with the data cursor and the generators'
-    states, what its checkpoints carry under the "llm" key)."""
-
-    step: int = 0  # optimizer steps done
-    tokens_seen: int = 0
-    skipped_steps: int = 0  # steps skipped for a non-finite loss
-    wandb_run_id: str = field(default_factory=new_run_id)
-
-    def state_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, state[f.name])
 
 
 @dataclass
@@ -147,8 +131,9 @@ class Checkpointer:
         self.last_save = time.time()
         return path
 
-    def load(self, engine, tag_dir: Path) -> dict:
-        return self.ckpts.load(engine, tag_dir, self.env.world_size, self.cfg.deepspeed.stage, self.lora)["llm"]
+    def load(self, engine, tag_dir: Path) -> RunRecord:
+        client = self.ckpts.load(engine, tag_dir, self.env.world_size, self.cfg.deepspeed.stage, self.lora)
+        return RunRecord.from_client_state(client, tag_dir)
 
 
 class Trainer:
@@ -244,11 +229,11 @@ class Trainer:
         if self.resume_from is not None:
             self.where["phase"] = "checkpoint load"
             t0 = time.perf_counter()
-            client = self.checkpointer.load(self.engine, self.resume_from)
-            self.state.load_state_dict(client)
-            self.loader.load_state_dict(client["data"])
-            if len(client["rng"]) == env.world_size:
-                set_rng_state(client["rng"][env.rank])
+            record = self.checkpointer.load(self.engine, self.resume_from)
+            self.state = record.state
+            self.loader.load_state_dict(record.data)
+            if len(record.rng) == env.world_size:
+                set_rng_state(record.rng[env.rank])
             self.load_s += time.perf_counter() - t0
         start = self.state.step
         info = {"resumed_from": str(self.resume_from) if self.resume_from else None, "world_size": env.world_size}
@@ -422,25 +407,24 @@ class Trainer:
         }
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
-    def client_state(self) -> dict:
+    def record(self) -> RunRecord:
         """What a checkpoint carries besides the engine's state (every rank's generators gathered: collective)."""
         ranks_rng = [None] * self.env.world_size
         dist.all_gather_object(ranks_rng, rng_state())
-        return {
-            **self.state.state_dict(),
-            "data": self.loader.state_dict(),
-            "rng": ranks_rng,
-            "config": dataclasses.asdict(self.cfg),
-            "tokenizer_sha256": self.tok.sha256,
-            "origin": dataclasses.asdict(self.origin),
-            "world_size": self.env.world_size,
-            **self.task.client(),
-        }
+        return RunRecord(
+            state=self.state,
+            data=self.loader.state_dict(),
+            rng=ranks_rng,
+            config=dataclasses.asdict(self.cfg),
+            tokenizer_sha256=self.tok.sha256,
+            origin=dataclasses.asdict(self.origin),
+            world_size=self.env.world_size,
+            task=self.task.client(),
+        )
 
     def save(self) -> Path:
         step = self.state.step
-        # under one key: DeepSpeed drops client keys that share a name with its own (e.g. skipped_steps)
-        client = {"llm": self.client_state()}
+        client = self.record().client_state()
         describe = {
             "model": dataclasses.asdict(self.cfg.model),
             "tokenizer_sha256": self.tok.sha256,

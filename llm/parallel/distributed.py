@@ -3,7 +3,7 @@
 Launchers: a plain `python -m llm.train` (world size 1, no rendezvous at all), `torchrun` and the `deepspeed`
 launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set), or Slurm's `srun` (SLURM_PROCID, SLURM_NTASKS,
 SLURM_LOCALID; rank 0's address and a port the OS picked travel through the shared run directory,
-llm/slurm.py). A GPU rank uses device LOCAL_RANK, or device 0 when it sees one GPU (`--gpus-per-task=1`).
+llm/parallel/slurm.py). A GPU rank uses device LOCAL_RANK, or device 0 when it sees one GPU (`--gpus-per-task=1`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llm.config import Config
-from llm.slurm import LaunchError, node_name, rendezvous, rendezvous_file
+from llm.config.schema import Config
+from llm.parallel.slurm import LaunchError, node_name, rendezvous, rendezvous_file
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first `import deepspeed`

@@ -12,15 +12,14 @@ import json
 import os
 import sys
 import time
-import uuid
 import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from llm.config import LoggerConfig
-from llm.storage import storage_error
+from llm.config.schema import LoggerConfig
+from llm.store.storage import storage_error
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' spec sheets, by a fragment of the
 # device name; the longest matching fragment wins (an "H100 PCIe" must not take the SXM "H100" entry).
@@ -89,10 +88,6 @@ class DevicePeak:
             self.remeasures -= 1
             self.flops = max(self.flops, measure_matmul_flops(), achieved_flops)
         return achieved_flops / self.flops
-
-
-def new_run_id() -> str:
-    return uuid.uuid4().hex[:8]
 
 
 class MetricsLogger:

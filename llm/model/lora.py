@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm.config import LoraConfig
+from llm.config.schema import LoraConfig
 
 # our module names for each target; `qkv` is the fused query/key/value projection
 MODULES = {"qkv": "attn.qkv", "proj": "attn.proj", "up": "mlp.up", "gate": "mlp.gate", "down": "mlp.down"}

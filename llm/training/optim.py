@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from llm.config import OptimConfig
+from llm.config.schema import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

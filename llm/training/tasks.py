@@ -1,4 +1,4 @@
-"""What the one training loop (llm/train.py) trains: pretraining on packed token shards, or fine-tuning a
+"""What the one training loop (llm/training/trainer.py) trains: pretraining on packed token shards, or fine-tuning a
 checkpoint (task=sft: response-only loss on packed examples; task=classify: a head on the pretrained trunk),
 with or without LoRA adapters. A task prepares its inputs, builds the model with its first weights, serves the
 training batches (the model's keyword arguments) and evaluates; the loop does everything else.
@@ -20,18 +20,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from llm import distributed as D
-from llm.checkpoint import MARKER, CheckpointError
-from llm.config import RUNTIME_MODEL_FIELDS, Config, ConfigError, DataConfig, validate
+from llm.config.schema import RUNTIME_MODEL_FIELDS, Config, ConfigError, DataConfig, validate
 from llm.data.dataset import BatchLoader, open_windows
-from llm.data.examples import ExampleLoader, encode_classify, label_set, pack_sft
+from llm.data.examples import IGNORE, ExampleLoader, encode_classify, label_set, pack_sft
 from llm.data.files import atomic_write_json
 from llm.data.prepare import ensure_data
 from llm.data.shards import ShardError
 from llm.data.tokenizer import Tokenizer
-from llm.lora import add_lora
-from llm.model import GPT, IGNORE
-from llm.rundir import Origin
+from llm.model.gpt import GPT
+from llm.model.lora import add_lora
+from llm.parallel import distributed as D
+from llm.store.checkpoint import MARKER, CheckpointError
+from llm.store.rundir import Origin
 
 INIT_RECORD = "init_from.json"
 
@@ -128,7 +128,7 @@ class Pretrain:
 def fingerprint(path: str) -> str:
     """What identifies the weights a path holds: a checkpoint's COMPLETE.json (which lists every file's sha256),
     or a transformers directory's config and weight file sizes."""
-    from llm.weights import HF_PREFIX
+    from llm.store.weights import HF_PREFIX
 
     h = hashlib.sha256()
     if path.startswith(HF_PREFIX):
@@ -159,7 +159,7 @@ class Finetune:
         """The checkpoint to start from (every rank: checking a checkpoint is collective): the one recorded at
         the run's first start, or, at that start, the one init_from names now (recorded by `commit` once the
         run's inputs have been checked)."""
-        from llm.weights import HF_PREFIX, find_checkpoint
+        from llm.store.weights import HF_PREFIX, find_checkpoint
 
         record, f = self.run_dir / INIT_RECORD, self.cfg.finetune
         if record.is_file() and self.cfg.resume != "none":
@@ -185,7 +185,7 @@ class Finetune:
             atomic_write_json(self.run_dir / INIT_RECORD, self.new_record)
 
     def setup(self) -> Tokenizer:
-        from llm.weights import load_weights
+        from llm.store.weights import load_weights
 
         self.init_path = self.resolve_init()
         init_cfg, self.weights, self.tok, _ = load_weights(self.init_path)
@@ -270,7 +270,7 @@ class SFT(Finetune):
 
 
 class Classify(Finetune):
-    """A classification head on the pretrained trunk (llm/classifier.py); metrics from scikit-learn."""
+    """A classification head on the pretrained trunk (llm/model/classifier.py); metrics from scikit-learn."""
 
     def read_data(self) -> None:
         f, seq = self.cfg.finetune, self.cfg.data.seq_len
@@ -283,7 +283,7 @@ class Classify(Finetune):
             self.notes.append(f"val: {f.val_file}: {stats.summary()}")
 
     def build_model(self):
-        from llm.classifier import Classifier
+        from llm.model.classifier import Classifier
 
         trunk = self.base()
         if self.lora:
@@ -297,7 +297,7 @@ class Classify(Finetune):
     def evaluate(self, engine, device, final: bool) -> dict | None:
         """Accuracy, macro-F1, ROC-AUC and the loss over every val example; at the end of the run also the full
         report (per-class precision/recall/F1, confusion matrix) and its plots under <run_dir>/eval/."""
-        from llm.classify_metrics import report, write_report
+        from llm.training.classify_metrics import report, write_report
 
         if self.val_rows is None:
             return None

@@ -1,7 +1,7 @@
 """Tokenize a corpus into packed token shards, or verify prepared shards.
 
-    python tools/prepare_data.py --input stdlib --tokenizer data/tok --output data/stdlib
-    python tools/prepare_data.py --verify data/stdlib
+    python -m llm.prepare_data --input stdlib --tokenizer data/tok --output data/stdlib
+    python -m llm.prepare_data --verify data/stdlib
 
 Rerunning an interrupted command resumes it; the manifest is written last, so a directory without
 manifest.json is never mistaken for a complete dataset.
@@ -13,8 +13,6 @@ import argparse
 import os
 import sys
 
-import _bootstrap  # noqa: F401
-
 from llm.data.corpus import CorpusError
 from llm.data.prepare import PrepareConfig, prepare
 from llm.data.shards import ShardError, verify
@@ -22,7 +20,9 @@ from llm.data.tokenizer import TokenizerError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m llm.prepare_data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--verify", metavar="OUT", help="re-check every shard of OUT against its manifest and exit")
     p.add_argument("--input", nargs="+", help="files, directories, globs, or 'stdlib'")
     p.add_argument("--tokenizer", help="directory holding tokenizer.model and tokenizer.json")

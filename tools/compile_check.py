@@ -1,6 +1,6 @@
 """Compile every Triton kernel, in every configuration its launcher can choose, for a GPU target, without a GPU.
 
-    python -m llm.kernels.compile_check [--arch 90] [--arch 80] [--arch 89] [--json PATH]
+    python tools/compile_check.py [--arch 90] [--arch 80] [--arch 89] [--json PATH]
 
 Every attention variant a model launches (causal or not, with or without documents; bf16 at head dims 32, 64
 and 128 (80 and 96 compile as 128), fp16 and fp32 at 128; the delta preprocess), for sm_90, sm_80 and sm_89
@@ -26,7 +26,9 @@ import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-from .dispatch import FP_FUSION
+import _bootstrap  # noqa: F401
+
+from llm.kernels.dispatch import FP_FUSION
 
 # bytes of shared memory per block (opt-in maximum): H100/H200, A100, L40S/RTX 4090 (as sm_86 and sm_120)
 SMEM_LIMIT = {90: 232448, 80: 166912, 89: 101376}
@@ -96,7 +98,7 @@ def _attrs(fn, signature: dict) -> dict:
 
 
 def _modules():
-    from . import attention, norm
+    from llm.kernels import attention, norm
 
     return attention, norm
 

@@ -1,7 +1,7 @@
 """Train the SentencePiece tokenizer.
 
-python tools/train_tokenizer.py --input stdlib --vocab-size 8192 --model-type bpe --output data/tok
-python tools/train_tokenizer.py --input notes.txt --model-type char --character-coverage 1.0 --output data/chars
+python -m llm.train_tokenizer --input stdlib --vocab-size 8192 --model-type bpe --output data/tok
+python -m llm.train_tokenizer --input notes.txt --model-type char --character-coverage 1.0 --output data/chars
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import argparse
 import sys
 import time
 
-import _bootstrap  # noqa: F401
-
 from llm.data.corpus import CorpusError
 from llm.data.tokenizer import MODEL_TYPES, TokenizerError, train_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m llm.train_tokenizer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--input", nargs="+", required=True, help="files, directories, globs, or 'stdlib'")
     p.add_argument(
         "--vocab-size", type=int, default=None, help="pieces (default 8192); for char only a check on the alphabet"

@@ -13,12 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm.config import ModelConfig
+from llm.config.schema import ModelConfig
+from llm.data.examples import IGNORE
 from llm.kernels.attention import attention
 from llm.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from llm.kernels.norm import layer_norm, rms_norm
-
-IGNORE = -100  # a target that contributes no loss (F.cross_entropy's default ignore_index)
 
 
 def padded_vocab(cfg: ModelConfig) -> int:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from llm.config import RULES, Config, ConfigError, register, to_config
+from llm.config.schema import RULES, Config, ConfigError, register, to_config
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _all_keys(node, prefix="") -> list[str]:

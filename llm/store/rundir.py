@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm.config import Config
+from llm.config.schema import Config
 from llm.data.files import atomic_write, atomic_write_json
 from llm.data.tokenizer import MODEL_FILE, SIDECAR_FILE, Tokenizer, TokenizerError
 

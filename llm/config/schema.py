@@ -135,7 +135,7 @@ RUNTIME_MODEL_FIELDS = ("kernels", "dropout", "fused_loss")
 
 @dataclass
 class DataConfig:
-    """Prepared datasets (tools/prepare_data.py) and, for the demo, how to build them when missing."""
+    """Prepared datasets (python -m llm.prepare_data) and, for the demo, how to build them when missing."""
 
     paths: list[str] = setting(rule=_path_list, factory=lambda: ["data/stdlib"])
     weights: list[float] | None = setting(None, _optional(_weights))  # mixture weights, one per path
@@ -144,7 +144,7 @@ class DataConfig:
     prepare_if_missing: bool = setting(True, _ok)  # build the tokenizer and shards from `corpus` when absent
     corpus: list[str] = setting(rule=_path_list, factory=lambda: ["stdlib"])
     tokenizer_vocab_size: int = setting(8192, _at_least(262))
-    # every digit its own piece (tools/train_tokenizer.py --split-digits)
+    # every digit its own piece (python -m llm.train_tokenizer --split-digits)
     tokenizer_split_digits: bool = setting(True, _ok)
     val_fraction: float = setting(0.005, _fraction(high_open=True))
 
@@ -167,7 +167,7 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """The ZeRO engine. The DeepSpeed JSON is generated from this (llm/distributed.py), never hand-written."""
+    """The ZeRO engine. The DeepSpeed JSON is generated from this (llm/parallel/distributed.py), never hand-written."""
 
     stage: int = setting(0, _one_of(0, 1, 2, 3))  # the ZeRO stage
     offload_optimizer: bool = setting(False, _ok)  # ZeRO-Offload of optimizer state to CPU (stages 2, 3)
