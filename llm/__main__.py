@@ -10,8 +10,8 @@ import sys
 # command: (module, what it does), grouped by what a user does
 COMMANDS = {
     # data
-    "train-tokenizer": ("llm.train_tokenizer", "train a SentencePiece tokenizer on a corpus"),
-    "prepare-data": ("llm.prepare_data", "tokenize a corpus into packed token shards, or verify them"),
+    "train-tokenizer": ("llm.data.train_tokenizer", "train a SentencePiece tokenizer on a corpus"),
+    "prepare-data": ("llm.data.prepare_data", "tokenize a corpus into packed token shards, or verify them"),
     # pretraining and its machinery
     "train": ("llm.train", "pretrain a model (the demo without arguments); any launcher, resumable"),
     "submit": ("llm.submit", "submit a training run to Slurm (preemption-safe, requeued until done)"),

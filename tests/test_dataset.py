@@ -258,6 +258,6 @@ def test_token_ids_outside_the_vocabulary_are_refused_naming_the_shard_and_offse
         train(cfg)
     assert str(e.value) == (
         f"{shard}: token {offset:,} is id 605, outside the tokenizer's 600 ids: the shard was changed after it "
-        "was written; find such damage with `python -m llm.prepare_data --verify` and re-prepare the data"
+        "was written; find such damage with `python -m llm.data.prepare_data --verify` and re-prepare the data"
     )
     assert not (tmp_path / "runs" / "bad-ids" / "checkpoints").exists()  # stopped at the first batch

@@ -1,6 +1,7 @@
-"""The docs cannot rot: every command line shown in README.md and docs/ names a command, script or tool that
-exists and whose arguments its parser accepts (Hydra overrides compose into a valid config); the command table
-and the exit-code table shown there are the code's own. (The recipes that run end to end are test_recipes.py's.)"""
+"""The docs cannot rot: every command line shown in README.md and docs/ (in a bash block or inline) names a
+command, script or tool that exists and whose arguments its parser accepts (Hydra overrides compose into a valid
+config; a command named without arguments must exist); the command table and the exit-code table shown there
+are the code's own. (The recipes that run end to end are test_recipes.py's.)"""
 
 import argparse
 import importlib
@@ -38,6 +39,13 @@ def documented_lines() -> list[tuple[str, str]]:
                 if re.search(r"-m llm|--module llm|slurm/\w+\.sbatch|tools/\w+\.(py|sh)", line):
                     where = f"{page.relative_to(ROOT)}:{text[: block.start()].count(chr(10)) + 2 + number}"
                     found.append((where, line))
+        prose = re.sub(r"```.*?```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S)
+        for span in re.finditer(
+            r"`((?:\.venv/bin/)?python [^`]+|bash tools/[^`]+|sbatch [^`]+|torchrun [^`]+)`", prose
+        ):
+            line = " ".join(span.group(1).split())
+            if "<" not in line and "..." not in line:  # a pattern (python -m llm <command>), not a command line
+                found.append((f"{page.relative_to(ROOT)}:{prose[: span.start()].count(chr(10)) + 1}", line))
     return found
 
 
@@ -102,15 +110,17 @@ def test_every_documented_command_line_parses(where, line, monkeypatch):
 
             _, _, overrides = parse(args)
             overrides_compose(overrides)
-        else:
+        elif args:
             parse_only(monkeypatch, module, args)
+        else:  # named in prose, e.g. "prepare those with `python -m llm.data.prepare_data` first"
+            assert callable(importlib.import_module(module).main)
     elif m := re.search(r"(slurm/\w+\.sbatch)\s*(.*)", line):
         assert (ROOT / m.group(1)).is_file(), f"{where}: no {m.group(1)}"
         overrides_compose(concrete(m.group(2)), "sft" if "finetune" in m.group(1) else None)
     else:
         m = re.search(r"(tools/(\w+)\.(py|sh))\s*(.*)", line)
         assert (ROOT / m.group(1)).is_file(), f"{where}: no {m.group(1)}"
-        if m.group(3) == "py":
+        if m.group(3) == "py" and m.group(4):
             monkeypatch.syspath_prepend(str(ROOT / "tools"))
             parse_only(monkeypatch, m.group(2), concrete(m.group(4)))
 
@@ -118,13 +128,13 @@ def test_every_documented_command_line_parses(where, line, monkeypatch):
 def test_a_wrong_documented_flag_would_fail(monkeypatch):
     # the check above can fail: a flag the parser lacks, a key the config lacks
     with pytest.raises(SystemExit):
-        parse_only(monkeypatch, "llm.prepare_data", ["--verify", "out", "--no-such-flag"])
+        parse_only(monkeypatch, "llm.data.prepare_data", ["--verify", "out", "--no-such-flag"])
     with pytest.raises(Exception, match="no_such_key"):
         overrides_compose(["train.no_such_key=1"])
 
 
 def test_the_readme_command_table_is_the_entry_table():
-    rows = re.findall(r"^\| `([\w-]+)` \| `(llm\.\w+)` \|", (ROOT / "README.md").read_text(), re.M)
+    rows = re.findall(r"^\| `([\w-]+)` \| `(llm[.\w]+)` \|", (ROOT / "README.md").read_text(), re.M)
     assert rows == [(name, module) for name, (module, _) in COMMANDS.items()]
 
 
@@ -152,3 +162,15 @@ def test_python_m_llm_lists_the_commands_and_refuses_an_unknown_one(capsys):
     with pytest.raises(SystemExit) as ended:
         main(["trian"])
     assert ended.value.code == 2 and "unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_every_link_between_pages_resolves():
+    links = [
+        (page, target)
+        for page in PAGES
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
+        if not re.match(r"\w+://", target)
+    ]
+    assert len(links) >= 15
+    broken = [f"{page.relative_to(ROOT)}: {t}" for page, t in links if not (page.parent / t).exists()]
+    assert not broken, broken

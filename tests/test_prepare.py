@@ -119,7 +119,9 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, corpus_
     with pytest.raises(Interrupt):
         run([corpus_dir], tokenizer_dir, out, on_checkpoint=stop_after_second, workers=2)
     assert not (out / "manifest.json").exists()
-    with pytest.raises(ShardError, match="interrupted preparation: rerun the same python -m llm.prepare_data command"):
+    with pytest.raises(
+        ShardError, match="interrupted preparation: rerun the same python -m llm.data.prepare_data command"
+    ):
         open_split(out, "train")
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*_0000*.bin")}
     assert kept

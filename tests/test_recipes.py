@@ -34,3 +34,25 @@ def test_the_character_level_recipe(tmp_path):
     assert "char vocab 90" in r.stdout and "0 unknown-character tokens" in r.stderr
     metrics = (tmp_path / "runs" / "chars" / "metrics.jsonl").read_text()
     assert '"step": 4, "val/loss"' in metrics
+
+
+@pytest.mark.slow
+def test_the_fine_tuning_recipe(tmp_path):
+    # every command of the page's recipe, in order, with a few steps each instead of the measured runs
+    lines = []
+    for line in doc_block("## Recipe: the standard library as fine-tuning data").splitlines():
+        line = re.sub(r"\s+#.*$", "", line).replace(".venv/bin/python", sys.executable)
+        line = line.replace("tools/", f"{ROOT}/tools/")
+        if "-m llm.train" in line or "-m llm.finetune" in line:
+            line += " train.max_steps=4 train.eval_every=2 logger=none"
+        lines.append(line)
+    assert sum("-m llm.finetune" in line for line in lines) == 3 and "-m llm.evaluate" in lines[-1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = ["bash", "-euo", "pipefail", "-c", "\n".join(lines)]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    runs = tmp_path / "runs"
+    assert '"step": 4, "val/loss"' in (runs / "sft-demo" / "metrics.jsonl").read_text()
+    for name in ("cls-demo", "cls-random"):
+        assert '"val/accuracy"' in (runs / name / "metrics.jsonl").read_text()
+    assert re.search(r"sft_val.jsonl: response loss \d+\.\d+, ppl \d+\.\d+ \(489 examples", r.stdout), r.stdout[-1000:]

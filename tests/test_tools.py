@@ -24,11 +24,11 @@ def tool(name, *args):
 
 
 def test_train_tokenizer_then_prepare_then_verify(tmp_path, corpus_dir):
-    r = tool("train_tokenizer", "--input", corpus_dir, "--vocab-size", 400, "--output", tmp_path / "tok")
+    r = tool("data.train_tokenizer", "--input", corpus_dir, "--vocab-size", 400, "--output", tmp_path / "tok")
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and (tmp_path / "tok" / "tokenizer.model").is_file()
     r = tool(
-        "prepare_data",
+        "data.prepare_data",
         "--input",
         corpus_dir,
         "--tokenizer",
@@ -53,12 +53,12 @@ def test_train_tokenizer_then_prepare_then_verify(tmp_path, corpus_dir):
         "2",
         "--no-progress",
     ]
-    r = tool("prepare_data", "--verify", tmp_path / "out")
+    r = tool("data.prepare_data", "--verify", tmp_path / "out")
     assert r.returncode == 0 and r.stdout.startswith("ok")
 
     shard = tmp_path / "out" / "train_00000.bin"
     shard.write_bytes(b"\x01\x00" + shard.read_bytes()[2:])
-    r = tool("prepare_data", "--verify", tmp_path / "out")
+    r = tool("data.prepare_data", "--verify", tmp_path / "out")
     assert r.returncode == 1
     assert "BAD train shard train_00000.bin: sha256" in r.stderr
 
@@ -66,10 +66,10 @@ def test_train_tokenizer_then_prepare_then_verify(tmp_path, corpus_dir):
 @pytest.mark.parametrize(
     "name, args, message",
     [
-        ("train_tokenizer", ["--input", "/nonexistent/x", "--output", "o"], "input path does not exist"),
-        ("prepare_data", ["--verify", "/nonexistent/d"], "data directory does not exist"),
+        ("data.train_tokenizer", ["--input", "/nonexistent/x", "--output", "o"], "input path does not exist"),
+        ("data.prepare_data", ["--verify", "/nonexistent/d"], "data directory does not exist"),
         (
-            "prepare_data",
+            "data.prepare_data",
             ["--input", "stdlib", "--tokenizer", "/nonexistent/t", "--output", "o"],
             "tokenizer file missing",
         ),
@@ -85,7 +85,7 @@ def test_bad_input_gives_one_error_line(name, args, message):
 
 
 def test_prepare_without_inputs_shows_usage():
-    r = tool("prepare_data", "--output", "x")
+    r = tool("data.prepare_data", "--output", "x")
     assert r.returncode == 2 and "missing --input, --tokenizer" in r.stderr
 
 

@@ -49,7 +49,7 @@ def cpu_name() -> str:
 def bench_tokenizer(inputs: list[str], vocab: int, out: Path) -> dict:
     """Train in a child process so that its peak RSS is the tokenizer's alone."""
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "llm.train_tokenizer", "--input", *inputs]
+    cmd = [sys.executable, "-m", "llm.data.train_tokenizer", "--input", *inputs]
     cmd += ["--vocab-size", str(vocab), "--output", str(out)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - t0

@@ -135,7 +135,7 @@ RUNTIME_MODEL_FIELDS = ("kernels", "dropout", "fused_loss")
 
 @dataclass
 class DataConfig:
-    """Prepared datasets (python -m llm.prepare_data) and, for the demo, how to build them when missing."""
+    """Prepared datasets (python -m llm.data.prepare_data) and, for the demo, how to build them when missing."""
 
     paths: list[str] = setting(rule=_path_list, factory=lambda: ["data/stdlib"])
     weights: list[float] | None = setting(None, _optional(_weights))  # mixture weights, one per path
@@ -144,7 +144,7 @@ class DataConfig:
     prepare_if_missing: bool = setting(True, _ok)  # build the tokenizer and shards from `corpus` when absent
     corpus: list[str] = setting(rule=_path_list, factory=lambda: ["stdlib"])
     tokenizer_vocab_size: int = setting(8192, _at_least(262))
-    # every digit its own piece (python -m llm.train_tokenizer --split-digits)
+    # every digit its own piece (python -m llm.data.train_tokenizer --split-digits)
     tokenizer_split_digits: bool = setting(True, _ok)
     val_fraction: float = setting(0.005, _fraction(high_open=True))
 

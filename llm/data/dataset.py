@@ -286,7 +286,7 @@ class BatchLoader:
             path, offset = self.windows.locate(start + int(row), int(column))
             raise ShardError(
                 f"{path}: token {offset:,} is id {top}, outside the tokenizer's {self.vocab_size} ids: the shard was "
-                "changed after it was written; find such damage with `python -m llm.prepare_data --verify` and "
+                "changed after it was written; find such damage with `python -m llm.data.prepare_data --verify` and "
                 "re-prepare the data"
             )
         self.micro += 1

@@ -410,9 +410,9 @@ def ensure_data(data_cfg, demo: tuple[list[str], str] | None = None, verbose: bo
             exists = (Path(path) / (MODEL_FILE if kind == "tokenizer" else MANIFEST)).is_file()
             if not exists and path not in (*demo[0], demo[1]):
                 raise ShardError(
-                    f"{kind} {path} does not exist: prepare it (python -m llm.train_tokenizer, python -m "
-                    f"llm.prepare_data) or correct the path; only the demo's own {' and '.join((*demo[0], demo[1]))} "
-                    "are built from the default corpus automatically"
+                    f"{kind} {path} does not exist: prepare it (python -m llm.data.train_tokenizer, python -m "
+                    "llm.data.prepare_data) or correct the path; only the demo's own "
+                    f"{' and '.join((*demo[0], demo[1]))} are built from the default corpus automatically"
                 )
     if (Path(data_cfg.tokenizer) / MODEL_FILE).is_file():
         check_built_tokenizer(data_cfg)

@@ -80,18 +80,18 @@ def read_manifest(directory: str | Path) -> dict:
     path = d / MANIFEST
     if not path.is_file():
         if not d.is_dir():
-            raise ShardError(f"data directory does not exist: {d}; prepare it with python -m llm.prepare_data")
+            raise ShardError(f"data directory does not exist: {d}; prepare it with python -m llm.data.prepare_data")
         hint = (
-            " (an interrupted preparation: rerun the same python -m llm.prepare_data command to resume)"
+            " (an interrupted preparation: rerun the same python -m llm.data.prepare_data command to resume)"
             if any(d.glob(".prepare_state*"))
             else ""
         )
-        raise ShardError(f"{path} is missing{hint}; prepare the data with python -m llm.prepare_data")
+        raise ShardError(f"{path} is missing{hint}; prepare the data with python -m llm.data.prepare_data")
     try:
         manifest = json.loads(path.read_text())
     except ValueError as e:
         raise ShardError(
-            f"{path} is not valid JSON ({e}); rerun python -m llm.prepare_data into a fresh directory"
+            f"{path} is not valid JSON ({e}); rerun python -m llm.data.prepare_data into a fresh directory"
         ) from None
     if manifest.get("format") != FORMAT:
         raise ShardError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}; re-prepare the data")
@@ -120,12 +120,12 @@ def open_split(directory: str | Path, split: str, tokenizer_sha256: str | None =
         dtype = np.dtype(DTYPES[entry["dtype"]]).newbyteorder("<")
         expected = entry["tokens"] * dtype.itemsize
         if not path.is_file():
-            raise ShardError(f"shard missing: {path}; re-prepare the data (python -m llm.prepare_data)")
+            raise ShardError(f"shard missing: {path}; re-prepare the data (python -m llm.data.prepare_data)")
         size = path.stat().st_size
         if size != expected:
             raise ShardError(
                 f"shard {path} is {size:,} bytes but the manifest says {expected:,}: truncated or replaced; "
-                "check it with `python -m llm.prepare_data --verify` and re-prepare the data"
+                "check it with `python -m llm.data.prepare_data --verify` and re-prepare the data"
             )
         if entry["tokens"]:
             arrays.append(np.memmap(path, dtype=dtype, mode="r"))

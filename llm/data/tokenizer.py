@@ -54,18 +54,18 @@ class Tokenizer:
             return cls.from_model_file(model)
         for f in (model, sidecar):
             if not f.is_file():
-                raise TokenizerError(f"tokenizer file missing: {f}; train one with python -m llm.train_tokenizer")
+                raise TokenizerError(f"tokenizer file missing: {f}; train one with python -m llm.data.train_tokenizer")
         try:
             meta = json.loads(sidecar.read_text())
         except ValueError as e:
             raise TokenizerError(
-                f"{sidecar} is not valid JSON ({e}); retrain with python -m llm.train_tokenizer"
+                f"{sidecar} is not valid JSON ({e}); retrain with python -m llm.data.train_tokenizer"
             ) from None
         digest = sha256_file(model)
         if meta.get("sha256") != digest:
             raise TokenizerError(
                 f"{model} has sha256 {digest} but {sidecar} records {meta.get('sha256')}: the two files are "
-                "from different trainings; retrain with python -m llm.train_tokenizer"
+                "from different trainings; retrain with python -m llm.data.train_tokenizer"
             )
         sp = spm.SentencePieceProcessor(model_file=str(model))
         return cls(d, sp, meta)

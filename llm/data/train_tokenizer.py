@@ -1,7 +1,7 @@
 """Train the SentencePiece tokenizer.
 
-python -m llm.train_tokenizer --input stdlib --vocab-size 8192 --model-type bpe --output data/tok
-python -m llm.train_tokenizer --input notes.txt --model-type char --character-coverage 1.0 --output data/chars
+python -m llm.data.train_tokenizer --input stdlib --vocab-size 8192 --model-type bpe --output data/tok
+python -m llm.data.train_tokenizer --input notes.txt --model-type char --character-coverage 1.0 --output data/chars
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from llm.data.tokenizer import MODEL_TYPES, TokenizerError, train_tokenizer
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m llm.train_tokenizer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m llm.data.train_tokenizer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--input", nargs="+", required=True, help="files, directories, globs, or 'stdlib'")
     p.add_argument(

@@ -1,7 +1,7 @@
 """Tokenize a corpus into packed token shards, or verify prepared shards.
 
-    python -m llm.prepare_data --input stdlib --tokenizer data/tok --output data/stdlib
-    python -m llm.prepare_data --verify data/stdlib
+    python -m llm.data.prepare_data --input stdlib --tokenizer data/tok --output data/stdlib
+    python -m llm.data.prepare_data --verify data/stdlib
 
 Rerunning an interrupted command resumes it; the manifest is written last, so a directory without
 manifest.json is never mistaken for a complete dataset.
@@ -21,7 +21,9 @@ from llm.data.tokenizer import TokenizerError
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m llm.prepare_data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m llm.data.prepare_data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--verify", metavar="OUT", help="re-check every shard of OUT against its manifest and exit")
     p.add_argument("--input", nargs="+", help="files, directories, globs, or 'stdlib'")
