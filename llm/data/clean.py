@@ -1,0 +1,250 @@
+"""Clean a raw corpus before tokenizing it: the profile's quality filters, then MinHash near-duplicate removal,
+with datatrove (the `data` extra) running the stages.
+
+    python -m llm.data.clean --input PATH [PATH ...] --output DIR [--profile code|none] [--tasks N]
+
+--output DIR then holds exactly the kept documents, as JSONL.zst that `python -m llm.data.prepare_data
+--input DIR` reads; everything else the run writes goes beside it, in DIR.clean/: the stages' work files and
+logs, the removed documents with --keep-removed (removed/<filter>/, removed/duplicates/), and summary.json
+(documents in and out of every stage, dropped per filter and reason, the duplicate clusters' sizes, the
+settings and tool versions; the counts are checked to add up). Rerunning the same command resumes: finished
+tasks are skipped.
+
+Profiles: `code`: source-code heuristics of the kind The Stack / StarCoder's data used (llm/data/cleaning.py:
+CodeRules); `none`: near-duplicate removal only. Which copy of a near-duplicate cluster survives depends on
+the task count, so the summary records it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from llm.data.corpus import CorpusError, ReadOptions, resolve_inputs
+from llm.data.files import atomic_write_json
+
+PROFILES = ("code", "none")
+EXTRA = "the data extra is not installed: pip install 'llm-pretrain[data]' (datatrove)"
+
+
+class CleanError(ValueError):
+    """A cleaning run that cannot start or did not finish; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    inputs: list[str]
+    output: str
+    profile: str = "code"
+    tasks: int = 2  # tasks of the reading stages (and of the filter that must reread as they read)
+    workers: int = 2  # tasks run at once
+    keep_removed: bool = False
+    text_field: str = "text"
+    skip_bad_lines: bool = False
+    n_grams: int = 5  # MinHash: words per shingle
+    num_buckets: int = 14  # bands
+    hashes_per_bucket: int = 8  # rows per band: ~0.87 detection at Jaccard 0.78, ~1.0 above 0.88
+
+    @property
+    def work(self) -> Path:
+        out = Path(self.output)
+        return out.parent / f"{out.name}.clean"
+
+
+def check(cfg: CleanConfig) -> None:
+    """Every setting and input, before any work; CleanError names the problem and the fix."""
+    if cfg.profile not in PROFILES:
+        raise CleanError(f"unknown --profile {cfg.profile!r}; choose one of {', '.join(PROFILES)}")
+    for name in ("tasks", "workers", "n_grams", "num_buckets", "hashes_per_bucket"):
+        if getattr(cfg, name) < 1:
+            raise CleanError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    resolve_inputs(cfg.inputs)  # CorpusError names a missing input
+    out = Path(cfg.output)
+    if out.is_dir() and any(out.iterdir()) and not cfg.work.is_dir():  # not an earlier run of this command
+        raise CleanError(f"--output {out} holds files this command did not write; choose an empty or new directory")
+    try:
+        import datatrove  # noqa: F401
+        import orjson  # noqa: F401
+    except ImportError:
+        raise CleanError(EXTRA) from None
+
+
+def _stages(cfg: CleanConfig):
+    """The datatrove executors, each depending on the one before: filter -> signatures -> buckets -> clusters ->
+    dedup (the last one runs them all)."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.utils.hashing import HashConfig
+
+    from llm.data.cleaning import CodeFilter, CorpusReader, RegexWords, TaskFileReader
+
+    work, opts = cfg.work, ReadOptions(cfg.text_field, cfg.skip_bad_lines)
+    minhash = MinhashConfig(
+        n_grams=cfg.n_grams,
+        num_buckets=cfg.num_buckets,
+        hashes_per_bucket=cfg.hashes_per_bucket,
+        hash_config=HashConfig(precision=64, hash_fc="sha1"),  # datatrove's xxhash path needs xxhash<4
+    )
+
+    def writer(folder) -> JsonlWriter:  # zstd: unlike gzip's header, its frames hold no time, so reruns are equal
+        return JsonlWriter(str(folder), output_filename="${rank}.jsonl.zst", compression="zstd")
+
+    removed = (lambda name: writer(work / "removed" / name)) if cfg.keep_removed else (lambda name: None)
+    filters = [CodeFilter(exclusion_writer=removed("code"))] if cfg.profile == "code" else []
+    filtered = str(work / "filtered")
+    reader = CorpusReader(cfg.inputs, opts, str(work / "corpus"))
+    signatures = MinhashDedupSignature(str(work / "signatures"), minhash, language=RegexWords())
+    buckets = MinhashDedupBuckets(str(work / "signatures"), str(work / "buckets"), config=minhash)
+    clusters = MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), minhash, save_cluster_size=True)
+    dedup = MinhashDedupFilter(str(work / "remove"), removed("duplicates"), load_cluster_sizes=True)
+    plan = [
+        ("filter", cfg.tasks, [reader, *filters, writer(filtered)]),
+        ("signatures", cfg.tasks, [TaskFileReader(filtered), signatures]),
+        ("buckets", cfg.num_buckets, [buckets]),
+        ("clusters", 1, [clusters]),
+        ("dedup", cfg.tasks, [TaskFileReader(filtered), dedup, writer(cfg.output)]),
+    ]
+    executor = None
+    for name, tasks, pipeline in plan:
+        executor = LocalPipelineExecutor(
+            pipeline, tasks=tasks, workers=min(cfg.workers, tasks), logging_dir=str(work / "logs" / name),
+            depends=executor,
+        )  # fmt: skip
+    return executor
+
+
+def _stats(work: Path, stage: str) -> list[dict]:
+    """A finished stage's statistics, step by step ({counter: value}), from datatrove's merged stats.json."""
+    steps = json.loads((work / "logs" / stage / "stats.json").read_text())
+    return [{k: v for k, v in s["stats"].items() if not isinstance(v, dict)} for s in steps]
+
+
+def _kept(output: Path) -> tuple[int, dict[int, int]]:
+    """The documents in the output and the histogram of their near-duplicate clusters' sizes."""
+    from llm.data.cleaning import read_jsonl_zst
+
+    kept, sizes = 0, {}
+    for path in sorted(output.glob("*.jsonl.zst")):
+        for row in read_jsonl_zst(path):
+            size = row.get("metadata", {}).get("minhash_cluster_size", 1)
+            kept, sizes[size] = kept + 1, sizes.get(size, 0) + 1
+    return kept, dict(sorted(sizes.items()))
+
+
+def summarize(cfg: CleanConfig) -> dict:
+    """What every stage took in and let through, checked to add up (CleanError if not)."""
+    from importlib.metadata import version
+
+    work = cfg.work
+    read = {}
+    for path in sorted((work / "corpus").glob("*.json")):
+        for k, v in json.loads(path.read_text()).items():
+            read[k] = read.get(k, 0) + v
+    filtered = _stats(work, "filter")
+    dropped = {}
+    for step in filtered[1:-1]:
+        dropped |= {k.removeprefix("dropped_"): v for k, v in step.items() if k.startswith("dropped_")}
+    after_filters = filtered[-1].get("total", 0)
+    dedup = _stats(work, "dedup")[1]
+    kept, clusters = _kept(Path(cfg.output))
+    summary = {
+        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("output", "workers")},
+        "versions": {"datatrove": version("datatrove"), "llm-pretrain": version("llm-pretrain")},
+        "read": read,
+        "dropped_by_filter": dropped,
+        "after_filters": after_filters,
+        "duplicates_removed": dedup.get("dropped", 0),
+        "kept": kept,
+        "cluster_sizes": clusters,  # survivors by the size of their near-duplicate cluster (1: unique)
+    }
+    sums = {
+        "read = kept by filters + dropped": read.get("documents", 0) == after_filters + sum(dropped.values()),
+        "after filters = duplicates removed + kept": after_filters == summary["duplicates_removed"] + kept,
+        "duplicates removed = sum of (cluster size - 1)": summary["duplicates_removed"]
+        == sum((size - 1) * n for size, n in clusters.items()),
+    }
+    wrong = [name for name, ok in sums.items() if not ok]
+    if wrong:
+        raise CleanError(f"the counts do not add up ({'; '.join(wrong)}): see {work / 'logs'}")
+    return summary
+
+
+def _pin(cfg: CleanConfig) -> None:
+    """Record what this run cleans (the settings and every input file's size and mtime) at its first start;
+    refuse a rerun that would resume it with other inputs or settings: its finished tasks read the old ones."""
+    from llm.data.corpus import Corpus
+
+    plan = {"settings": asdict(cfg) | {"workers": None}, "files": Corpus(cfg.inputs).fingerprint()}
+    path = cfg.work / "plan.json"
+    if not path.is_file():
+        cfg.work.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, plan)
+    elif json.loads(path.read_text()) != json.loads(json.dumps(plan)):
+        raise CleanError(
+            f"the inputs or settings differ from those this run started with ({path}); rerun with those, or "
+            f"delete {cfg.output} and {cfg.work} to start over"
+        )
+
+
+def clean(cfg: CleanConfig) -> dict:
+    """Run (or resume) the cleaning; write and return the summary."""
+    check(cfg)
+    _pin(cfg)
+    try:
+        _stages(cfg).run()
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CleanError(
+            f"a cleaning task failed ({type(e).__name__}: {reason}); "
+            f"its log is under {cfg.work / 'logs'}; fix the cause and rerun the same command (finished tasks are kept)"
+        ) from None
+    summary = summarize(cfg)
+    atomic_write_json(cfg.work / "summary.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m llm.data.clean", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--input", nargs="+", required=True, help="files, directories, globs, or 'stdlib'")
+    p.add_argument("--output", required=True, help="directory for the kept documents (JSONL.zst)")
+    p.add_argument("--profile", default="code", help=f"filters before near-dedup: {' or '.join(PROFILES)}")
+    p.add_argument(
+        "--tasks", type=int, default=2, help="tasks of the reading stages (record it: survivors depend on it)"
+    )
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tasks run at once")
+    p.add_argument("--keep-removed", action="store_true", help="keep removed documents in DIR.clean/removed/")
+    p.add_argument("--text-field", default="text", help="the JSONL field holding the text")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed JSONL lines")
+    args = p.parse_args(argv)
+    cfg = CleanConfig(
+        args.input, args.output, args.profile, args.tasks, args.workers, args.keep_removed, args.text_field,
+        args.skip_bad_lines,
+    )  # fmt: skip
+    try:
+        s = clean(cfg)
+    except (CleanError, CorpusError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dropped = ", ".join(f"{n:,} {reason}" for reason, n in s["dropped_by_filter"].items()) or "none"
+    print(
+        f"wrote {cfg.output}: kept {s['kept']:,} of {s['read']['documents']:,} documents; filters dropped {dropped}; "
+        f"{s['duplicates_removed']:,} near-duplicates removed; summary in {cfg.work / 'summary.json'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
