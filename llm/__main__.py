@@ -12,6 +12,7 @@ COMMANDS = {
     # data
     "train-tokenizer": ("llm.data.train_tokenizer", "train a SentencePiece tokenizer on a corpus"),
     "clean-data": ("llm.data.clean", "quality filters and near-duplicate removal for a raw corpus (datatrove)"),
+    "data-report": ("llm.data.report", "draw what a cleaning run did (removed by reason, lengths, clusters)"),
     "prepare-data": ("llm.data.prepare_data", "tokenize a corpus into packed token shards, or verify them"),
     # pretraining and its machinery
     "train": ("llm.train", "pretrain a model (the demo without arguments); any launcher, resumable"),

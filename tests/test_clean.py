@@ -122,7 +122,7 @@ def test_the_counts_add_up(cleaned):
     assert f"kept {s['kept']} of {s['read']['documents']} documents" in r.stdout
 
 
-def test_the_output_holds_only_the_kept_documents_and_prepare_reads_it(cleaned, tmp_path):
+def test_the_output_holds_only_the_kept_documents_and_prepare_reads_it_recording_the_cleaning(cleaned, tmp_path):
     out, _, _ = cleaned
     assert all(p.name.endswith(".jsonl.zst") for p in out.iterdir())
     tok = tmp_path / "tok"
@@ -134,6 +134,10 @@ def test_the_output_holds_only_the_kept_documents_and_prepare_reads_it(cleaned, 
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert manifest["stats"]["documents"] == 24, manifest["stats"]
+    # the shards record what the cleaning did, as its summary says
+    assert manifest["cleaning"] == {str(out): json.loads((out.parent / "out.clean" / "summary.json").read_text())}
+    r = subprocess.run([sys.executable, "-m", "llm.data.prepare_data", "--verify", tmp_path / "shards"], cwd=ROOT)
+    assert r.returncode == 0
 
 
 def test_no_step_reaches_the_network(cleaned):
@@ -207,3 +211,20 @@ def test_a_rerun_with_other_settings_is_refused(corpus, cleaned):
     out, _, _ = cleaned
     r = run_clean("--input", raw, "--output", out, "--profile", "code", "--tasks", 3, "--keep-removed")
     assert r.returncode == 2 and "differ from those this run started with" in r.stderr
+
+
+def test_the_report_draws_what_the_cleaning_did(cleaned):
+    out, _, _ = cleaned
+    r = subprocess.run([sys.executable, "-m", "llm.data.report", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    folder = out.parent / "out.clean" / "report"
+    for name in ("removed.png", "lengths.png", "clusters.png"):
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (folder / "summary.txt").read_text()
+    assert all(f"dropped 1 {reason}" in text for reason in JUNK) and "removed 8 near-duplicates" in text
+    assert "kept 24 (64.9%)" in text and "16 of size 1, 8 of size 2" in text and text.strip() in r.stdout
+
+
+def test_the_report_of_no_cleaning_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "llm.data.report", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "run python -m llm.data.clean first" in r.stderr

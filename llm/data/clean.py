@@ -24,7 +24,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llm.data.corpus import CorpusError, ReadOptions, resolve_inputs
+from llm.data.corpus import CorpusError, ReadOptions, cleaning_record, resolve_inputs
 from llm.data.files import atomic_write_json
 
 PROFILES = ("code", "none")
@@ -51,8 +51,7 @@ class CleanConfig:
 
     @property
     def work(self) -> Path:
-        out = Path(self.output)
-        return out.parent / f"{out.name}.clean"
+        return cleaning_record(self.output)
 
 
 def check(cfg: CleanConfig) -> None:

@@ -10,13 +10,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from llm.data.corpus import Corpus, CorpusStats, ReadOptions, read_segment
-from llm.data.files import atomic_write_json
+from llm.data.files import atomic_write, atomic_write_json
 
 WORK_ITEM_BYTES = 1 << 16  # the corpus's work items, dealt round-robin to the tasks
 
@@ -25,7 +26,8 @@ class CorpusReader(PipelineStep):
     """Every format our corpus reader takes (text files, JSONL, Parquet, .gz, .zst; `stdlib`), as datatrove
     documents: task `rank` reads work items rank, rank + tasks, ... of the corpus's plan (whole files or
     pieces of large ones: the same plan `prepare` uses). Each task writes what it read and skipped to
-    `stats_dir/<rank>.json` (CorpusStats), so the run's accounting starts from the documents read."""
+    `stats_dir/<rank>.json` (CorpusStats), so the run's accounting starts from the documents read, and the
+    documents' lengths in characters to `stats_dir/<rank>.lengths` (int64) for the report."""
 
     name = "llm corpus"
     type = "📖 - READER"
@@ -35,14 +37,17 @@ class CorpusReader(PipelineStep):
         self.inputs, self.opts, self.stats_dir = list(inputs), opts, stats_dir
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        corpus, stats = Corpus(self.inputs, self.opts, WORK_ITEM_BYTES), CorpusStats()
+        corpus, stats, lengths = Corpus(self.inputs, self.opts, WORK_ITEM_BYTES), CorpusStats(), []
         for item in corpus.items[rank::world_size]:
             for seg in item:
                 for n, text in enumerate(read_segment(seg, self.opts, stats)):
                     self.stat_update("documents")
+                    lengths.append(len(text))
                     yield Document(text=text, id=f"{seg.path}:{seg.start}:{n}", metadata={"source": seg.path})
-        Path(self.stats_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(self.stats_dir) / f"{rank:05d}.json", stats.as_dict())
+        folder = Path(self.stats_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / f"{rank:05d}.lengths", np.asarray(lengths, dtype=np.int64).tobytes())  # for the report
+        atomic_write_json(folder / f"{rank:05d}.json", stats.as_dict())
 
 
 class TaskFileReader(PipelineStep):

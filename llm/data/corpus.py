@@ -31,6 +31,23 @@ from pathlib import Path
 STDLIB = "stdlib"
 
 
+def cleaning_record(directory: str | Path) -> Path:
+    """Where `python -m llm.data.clean` keeps what it did to the corpus it wrote into `directory`: beside it,
+    never inside (the directory holds only documents)."""
+    directory = Path(directory)
+    return directory.parent / f"{directory.name}.clean"
+
+
+def cleaning_summaries(inputs: list[str]) -> dict[str, dict]:
+    """The cleaning summary of every input directory that `python -m llm.data.clean` wrote, by input."""
+    found = {}
+    for p in inputs:
+        summary = cleaning_record(p) / "summary.json"
+        if Path(p).is_dir() and summary.is_file():
+            found[p] = json.loads(summary.read_text())
+    return found
+
+
 class CorpusError(ValueError):
     """A corpus input that cannot be read; the message names the input and the fix."""
 

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llm.config.schema import DataConfig
-from llm.data.corpus import Corpus, CorpusStats, ReadOptions, Segment, read_segment, segment_size
+from llm.data.corpus import Corpus, CorpusStats, ReadOptions, Segment, cleaning_summaries, read_segment, segment_size
 from llm.data.files import atomic_write, atomic_write_json, sha256_file
 from llm.data.shards import (
     DTYPES,
@@ -308,6 +308,7 @@ class _Preparation:
                 "token_share": round(val_share, 6),
             },
             "fingerprint": self.fingerprint,
+            "cleaning": cleaning_summaries(cfg.inputs),  # what python -m llm.data.clean did to an input, if it wrote it
             "config": {k: v for k, v in asdict(cfg).items() if k != "workers"},
             "command": command or [],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
