@@ -12,13 +12,14 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REFERENCE
 from launch import ROOT, launch, losses, overrides
 
 sys.path.insert(0, str(ROOT / "tools"))
-from slurm_cluster import Cluster, SlurmUnavailable  # noqa: E402
+from slurm_cluster import Cluster, SlurmUnavailable, run  # noqa: E402
 
 from llm.store.checkpoint import check_checkpoint
 from llm.training.metrics import read_history
@@ -277,3 +278,88 @@ def test_a_node_that_does_not_share_the_run_directory_is_named_and_the_job_ends(
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", log[-3000:]
     assert "error: pre-flight: node nodeB does not see the run directory" in log and "requeued" not in log
     assert "parameters;" not in log  # no training step started
+
+
+# ---- python -m llm.data.clean --slurm -------------------------------------------------------------------------
+def clean_corpus(folder: Path) -> Path:
+    """Stdlib modules and near-copies of four of them: near-duplicates for MinHash to find."""
+    from llm.data.corpus import stdlib_files
+
+    folder.mkdir()
+    files = [f for f in stdlib_files() if 3_000 < f.stat().st_size < 20_000 and "encodings" not in f.parts][:16]
+    for i, f in enumerate(files):
+        text = f.read_text()
+        (folder / f"m{i:02d}.py").write_text(text)
+        if i < 4:
+            (folder / f"copy{i:02d}.py").write_text(text.replace("\n", "\n# edited\n", 1))
+    return folder
+
+
+def clean_command(cluster, *args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "llm.data.clean", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**cluster.env, "OMP_NUM_THREADS": "1"})
+
+
+def follow(cluster, args, timeout=300) -> tuple[list[str], subprocess.CompletedProcess]:
+    """Rerun the command until it writes its summary (as a user following the run would); the states seen."""
+    states, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        r = clean_command(cluster, *args)
+        assert r.returncode == 0, r.stderr[-2000:]
+        states.append(r.stdout.split()[0])
+        if r.stdout.startswith("wrote"):
+            return states, r
+        time.sleep(2)
+    raise TimeoutError(f"the cleaning did not finish in {timeout} s: {states}")
+
+
+def output_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def clean_local(tmp_path_factory):
+    """The same cleaning, run here (the reference for the Slurm runs)."""
+    d = tmp_path_factory.mktemp("clean-local")
+    raw = clean_corpus(d / "raw")
+    cmd = [sys.executable, "-m", "llm.data.clean", "--input", raw, "--output", d / "out", "--tasks", 2]
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return raw, d / "out"
+
+
+def test_clean_on_slurm_submits_the_stages_as_array_jobs_and_writes_what_a_local_run_writes(
+    cluster, clean_local, tmp_path
+):
+    pytest.importorskip("datatrove")
+    raw, local = clean_local
+    args = ["--input", raw, "--output", tmp_path / "out", "--tasks", 2, "--slurm", "--time", "5"]
+    states, r = follow(cluster, args)
+    assert states[0] == "submitted" and states[-1] == "wrote", states
+    assert output_bytes(tmp_path / "out") == output_bytes(local)
+    summary = json.loads((tmp_path / "out.clean" / "summary.json").read_text())
+    assert summary["duplicates_removed"] == 4 and summary["kept"] == 16
+    launch = (tmp_path / "out.clean" / "logs" / "filter" / "launch_script.slurm").read_text()
+    assert "--qos" not in launch and "--kill-on-invalid-dep=yes" in launch and "--array=0-1" in launch
+
+
+def test_a_failed_stage_on_slurm_cancels_the_later_ones_and_the_rerun_finishes_it(cluster, clean_local, tmp_path):
+    pytest.importorskip("datatrove")
+    raw, local = clean_local
+    work = tmp_path / "out.clean"
+    work.mkdir()
+    (work / "signatures").write_text("a file where the signature stage makes its folder")
+    args = ["--input", raw, "--output", tmp_path / "out", "--tasks", 2, "--slurm", "--time", "5"]
+    r = clean_command(cluster, *args)
+    assert r.returncode == 0 and r.stdout.startswith("submitted"), r.stdout + r.stderr[-2000:]
+    deadline = time.time() + 180
+    while run("squeue", "-h", env=cluster.env).stdout.strip():  # the later stages must not pend forever
+        assert time.time() < deadline, run("squeue", env=cluster.env).stdout
+        time.sleep(1)
+    logs = work / "logs"
+    assert len(list((logs / "filter" / "completions").iterdir())) == 2  # the stage before the failure finished
+    assert not (logs / "dedup" / "completions").exists() and not (work / "summary.json").exists()
+    (work / "signatures").unlink()  # the cause fixed: the same command takes it from there
+    states, _ = follow(cluster, args)
+    assert states[0] == "submitted" and states[-1] == "wrote", states
+    assert output_bytes(tmp_path / "out") == output_bytes(local)

@@ -57,6 +57,16 @@ class CleanConfig:
         return cleaning_record(self.output)
 
 
+@dataclass(frozen=True)
+class SlurmOptions:
+    """Where and how the stages run as Slurm array jobs (none of it changes the output)."""
+
+    partition: str | None = None  # None: the cluster's default partition
+    time: str = "4:00:00"  # each array task's limit
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: int = 2
+
+
 def check(cfg: CleanConfig) -> None:
     """Every setting and input, before any work; CleanError names the problem and the fix."""
     if cfg.profile not in PROFILES:
@@ -83,9 +93,9 @@ def check(cfg: CleanConfig) -> None:
         raise CleanError(EXTRA) from None
 
 
-def _stages(cfg: CleanConfig):
+def _stages(cfg: CleanConfig, slurm: SlurmOptions | None = None):
     """The datatrove executors, each depending on the one before: filter -> signatures -> buckets -> clusters ->
-    dedup (the last one runs them all)."""
+    dedup (running the last one runs or submits them all)."""
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup.minhash import (
         MinhashConfig,
@@ -97,7 +107,7 @@ def _stages(cfg: CleanConfig):
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.hashing import HashConfig
 
-    from llm.data.cleaning import CodeFilter, CorpusReader, RegexWords, TaskFileReader, web_filters
+    from llm.data.cleaning import CodeFilter, CorpusReader, RegexWords, TaskFileReader, slurm_executor, web_filters
 
     work, opts = cfg.work, ReadOptions(cfg.text_field, cfg.skip_bad_lines)
     minhash = MinhashConfig(
@@ -131,17 +141,36 @@ def _stages(cfg: CleanConfig):
     ]
     executor = None
     for name, tasks, pipeline in plan:
-        executor = LocalPipelineExecutor(
-            pipeline, tasks=tasks, workers=min(cfg.workers, tasks), logging_dir=str(work / "logs" / name),
-            depends=executor,
-        )  # fmt: skip
+        logs, workers = work / "logs" / name, min(cfg.workers, tasks)
+        if slurm is None:
+            executor = LocalPipelineExecutor(pipeline, tasks, workers, logging_dir=str(logs), depends=executor)
+        else:
+            executor = slurm_executor(pipeline, tasks, workers, logs, f"{slurm_name(cfg)}-{name}", slurm, executor)
     return executor
 
 
+STAGES = ("filter", "signatures", "buckets", "clusters", "dedup")
+
+
+def slurm_name(cfg: CleanConfig) -> str:
+    """The prefix of this run's job names: one per output directory."""
+    import hashlib
+
+    return "clean-" + hashlib.sha256(str(Path(cfg.output).resolve()).encode()).hexdigest()[:8]
+
+
 def _stats(work: Path, stage: str) -> list[dict]:
-    """A finished stage's statistics, step by step ({counter: value}), from datatrove's merged stats.json."""
-    steps = json.loads((work / "logs" / stage / "stats.json").read_text())
-    return [{k: v for k, v in s["stats"].items() if not isinstance(v, dict)} for s in steps]
+    """A finished stage's counters, step by step, summed over its tasks' statistics files (logs/<stage>/stats/:
+    datatrove's merged stats.json lost the counters of a multi-task stage in its Slurm merge job)."""
+    steps: list[dict] = []
+    for path in sorted((work / "logs" / stage / "stats").glob("*.json")):
+        for i, step in enumerate(json.loads(path.read_text())):
+            if i == len(steps):
+                steps.append({})
+            for k, v in step["stats"].items():
+                if not isinstance(v, dict):
+                    steps[i][k] = steps[i].get(k, 0) + v
+    return steps
 
 
 def _kept(output: Path) -> int:
@@ -241,53 +270,119 @@ def _pin(cfg: CleanConfig) -> None:
 
 
 def clean(cfg: CleanConfig) -> dict:
-    """Run (or resume) the cleaning; write and return the summary."""
+    """Run (or resume) the cleaning here; write and return the summary."""
     check(cfg)
     _pin(cfg)
     try:
         _stages(cfg).run()
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CleanError(
-            f"a cleaning task failed ({type(e).__name__}: {reason}); "
-            f"its log is under {cfg.work / 'logs'}; fix the cause and rerun the same command (finished tasks are kept)"
-        ) from None
+        raise _failed(cfg, e) from None
     summary = summarize(cfg)
     atomic_write_json(cfg.work / "summary.json", summary)
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def _failed(cfg: CleanConfig, e: Exception) -> CleanError:
+    reason = (str(e).strip().splitlines() or [""])[0][:200]
+    return CleanError(
+        f"a cleaning task failed ({type(e).__name__}: {reason}); its log is under {cfg.work / 'logs'}; fix the "
+        "cause and rerun the same command (finished tasks are kept)"
+    )
+
+
+def _queued(cfg: CleanConfig) -> list[str]:
+    """This run's jobs still in the Slurm queue (pending or running)."""
+    import subprocess
+
+    out = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.split()[1].startswith(slurm_name(cfg))]
+
+
+def _finished(cfg: CleanConfig) -> bool:
+    """Every task of every stage done."""
+    tasks = {"buckets": cfg.num_buckets, "clusters": 1}
+    for name in STAGES:
+        logs = cfg.work / "logs" / name
+        done = len(list((logs / "completions").glob("*"))) if (logs / "completions").is_dir() else 0
+        if done < tasks.get(name, cfg.tasks):
+            return False
+    return True
+
+
+def clean_on_slurm(cfg: CleanConfig, slurm: SlurmOptions) -> tuple[str, dict | list[str]]:
+    """One step of a cleaning on Slurm: ("running", job ids) while this run's jobs are queued; ("done", summary)
+    once every stage finished; else ("submitted", job ids) for the stages' tasks not finished yet."""
+    check(cfg)
+    _pin(cfg)
+    if queued := _queued(cfg):
+        return "running", queued
+    if _finished(cfg):
+        summary = summarize(cfg)
+        atomic_write_json(cfg.work / "summary.json", summary)
+        return "done", summary
+    try:
+        _stages(cfg, slurm).run()
+    except Exception as e:
+        raise _failed(cfg, e) from None
+    return "submitted", _queued(cfg)
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m llm.data.clean", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--input", nargs="+", required=True, help="files, directories, globs, or 'stdlib'")
     p.add_argument("--output", required=True, help="directory for the kept documents (JSONL.zst)")
     p.add_argument("--profile", default="code", help=f"filters before near-dedup: {' or '.join(PROFILES)}")
-    p.add_argument(
-        "--tasks", type=int, default=2, help="tasks of the reading stages (record it: survivors depend on it)"
-    )
+    p.add_argument("--tasks", type=int, default=2, help="tasks of the reading stages (survivors depend on it)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tasks run at once")
     p.add_argument("--keep-removed", action="store_true", help="keep removed documents in DIR.clean/removed/")
     p.add_argument("--language", default="en", help="web: the language to keep (ISO 639-1)")
     p.add_argument("--language-threshold", type=float, default=0.65, help="web: its lowest score kept")
     p.add_argument("--text-field", default="text", help="the JSONL field holding the text")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed JSONL lines")
-    args = p.parse_args(argv)
+    s = p.add_argument_group("Slurm (the stages as array jobs; rerun the command to follow them)")
+    s.add_argument("--slurm", action="store_true", help="submit the stages to Slurm instead of running them here")
+    s.add_argument("--partition", default=None, help="default: the cluster's default partition")
+    s.add_argument("--time", default="4:00:00", help="each array task's time limit")
+    s.add_argument("--cpus-per-task", type=int, default=1)
+    s.add_argument("--mem-per-cpu-gb", type=int, default=2)
+    return p
+
+
+def _print(cfg: CleanConfig, state: str, result) -> None:
+    if state == "running":
+        print(f"still running: jobs {', '.join(result)}; run the same command when they end")
+    elif state == "submitted":
+        print(
+            f"submitted jobs {', '.join(result)}; run the same command when they end: it writes the summary, or "
+            "resubmits the tasks that did not finish (a failed stage cancels the stages after it)"
+        )
+    else:
+        dropped = ", ".join(f"{n:,} {reason}" for reason, n in result["dropped_by_filter"].items()) or "none"
+        print(
+            f"wrote {cfg.output}: kept {result['kept']:,} of {result['read']['documents']:,} documents; filters "
+            f"dropped {dropped}; {result['duplicates_removed']:,} near-duplicates removed; summary in "
+            f"{cfg.work / 'summary.json'}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     cfg = CleanConfig(
         args.input, args.output, args.profile, args.tasks, args.workers, args.keep_removed, args.language,
         args.language_threshold, args.text_field, args.skip_bad_lines,
     )  # fmt: skip
     try:
-        s = clean(cfg)
+        if args.slurm:
+            slurm = SlurmOptions(args.partition, args.time, args.cpus_per_task, args.mem_per_cpu_gb)
+            state, result = clean_on_slurm(cfg, slurm)
+        else:
+            state, result = "done", clean(cfg)
     except (CleanError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    dropped = ", ".join(f"{n:,} {reason}" for reason, n in s["dropped_by_filter"].items()) or "none"
-    print(
-        f"wrote {cfg.output}: kept {s['kept']:,} of {s['read']['documents']:,} documents; filters dropped {dropped}; "
-        f"{s['duplicates_removed']:,} near-duplicates removed; summary in {cfg.work / 'summary.json'}"
-    )
+    _print(cfg, state, result)
     return 0
 
 
