@@ -178,6 +178,16 @@ def test_bad_input_is_one_line_before_any_work(args, message, tmp_path, corpus):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.clean").exists()
 
 
+def test_slurm_without_slurm_is_one_line_before_any_work(tmp_path, corpus):
+    raw, _ = corpus
+    cmd = [sys.executable, "-m", "llm.data.clean", "--input", raw, "--output", tmp_path / "out", "--slurm"]
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, cwd=ROOT, env={"PATH": "/nonexistent"})
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: --slurm: sbatch, squeue, sinfo not found on PATH; run it where Slurm's commands are"
+    )
+    assert not (tmp_path / "out.clean").exists()
+
+
 def test_an_output_directory_holding_other_files_is_refused(tmp_path, corpus):
     raw, _ = corpus
     (tmp_path / "out").mkdir()

@@ -73,9 +73,9 @@ def check(cfg: CleanConfig) -> None:
         raise CleanError(f"unknown --profile {cfg.profile!r}; choose one of {', '.join(PROFILES)}")
     if not 0 <= cfg.language_threshold < 1:
         raise CleanError(f"--language-threshold must be in [0, 1) (got {cfg.language_threshold})")
-    for name in ("tasks", "workers", "n_grams", "num_buckets", "hashes_per_bucket"):
+    for name in ("tasks", "workers"):
         if getattr(cfg, name) < 1:
-            raise CleanError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+            raise CleanError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
     resolve_inputs(cfg.inputs)  # CorpusError names a missing input
     out = Path(cfg.output)
     if out.is_dir() and any(out.iterdir()) and not cfg.work.is_dir():  # not an earlier run of this command
@@ -309,10 +309,24 @@ def _finished(cfg: CleanConfig) -> bool:
     return True
 
 
+def _check_slurm(slurm: SlurmOptions) -> None:
+    import shutil
+
+    missing = [c for c in ("sbatch", "squeue", "sinfo") if shutil.which(c) is None]
+    if missing:
+        raise CleanError(f"--slurm: {', '.join(missing)} not found on PATH; run it where Slurm's commands are")
+    for name in ("cpus_per_task", "mem_per_cpu_gb"):
+        if getattr(slurm, name) < 1:
+            raise CleanError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(slurm, name)})")
+    if not slurm.time.strip():
+        raise CleanError("--time is empty; give a Slurm time limit such as 4:00:00")
+
+
 def clean_on_slurm(cfg: CleanConfig, slurm: SlurmOptions) -> tuple[str, dict | list[str]]:
     """One step of a cleaning on Slurm: ("running", job ids) while this run's jobs are queued; ("done", summary)
     once every stage finished; else ("submitted", job ids) for the stages' tasks not finished yet."""
     check(cfg)
+    _check_slurm(slurm)
     _pin(cfg)
     if queued := _queued(cfg):
         return "running", queued
