@@ -164,6 +164,7 @@ def test_a_rerun_changes_nothing(cleaned, corpus):
     [
         (["--profile", "webby"], "unknown --profile 'webby'; choose one of web, code, none"),
         (["--tasks", "0"], "--tasks must be at least 1"),
+        (["--profile", "web", "--language", "english"], "unknown --language 'english'; the language model knows af, "),
         (["--input", "/nonexistent/corpus"], "input path does not exist"),
     ],
 )

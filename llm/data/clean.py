@@ -85,12 +85,15 @@ def check(cfg: CleanConfig) -> None:
         import orjson  # noqa: F401
 
         if cfg.profile == "web":
-            from llm.data.cleaning import language_model
+            from llm.data.cleaning import known_languages, language_model
 
             if not language_model().is_file():
                 raise ImportError("lid.176.ftz")
+            known = known_languages()
     except ImportError:
         raise CleanError(EXTRA) from None
+    if cfg.profile == "web" and cfg.language not in known:
+        raise CleanError(f"unknown --language {cfg.language!r}; the language model knows {', '.join(known)}")
 
 
 def _stages(cfg: CleanConfig, slurm: SlurmOptions | None = None):

@@ -125,6 +125,14 @@ def language_model() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "resources" / "lid.176.ftz"
 
 
+def known_languages() -> list[str]:
+    """The language codes lid.176 can name (its labels, in score order for an empty text)."""
+    from fasttext.FastText import _FastText
+
+    labels, _ = _FastText(str(language_model())).predict("", k=-1)
+    return sorted(label.removeprefix("__label__") for label in labels)
+
+
 class LocalLanguageFilter(BaseFilter):
     """Keeps a document whose most likely language, by fastText's lid.176 read from a local file, scores above
     `threshold` for one of `languages` (datatrove's LanguageFilter does the same with a model it downloads);
