@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from llm.data.corpus import stdlib_files
+from llm.data.corpus import jsonl_rows, stdlib_files
 
 pytest.importorskip("datatrove", reason="the data extra (datatrove) is not installed")
-from llm.data.cleaning import read_jsonl_zst  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 JUNK = {
@@ -73,7 +72,7 @@ def documents(folder: Path) -> dict[str, str]:
     """source file name -> text of every document in a folder of JSONL.zst"""
     docs = {}
     for path in sorted(folder.glob("*.jsonl.zst")):
-        for row in read_jsonl_zst(path):
+        for row in jsonl_rows(path):
             docs[Path(row["metadata"]["source"]).name] = row["text"]
     return docs
 

@@ -25,7 +25,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llm.data.corpus import CorpusError, ReadOptions, cleaning_record, resolve_inputs
+from llm.data.corpus import CorpusError, ReadOptions, cleaning_record, jsonl_rows, resolve_inputs
 from llm.data.files import atomic_write_json
 
 PROFILES = ("web", "code", "none")
@@ -178,9 +178,7 @@ def _stats(work: Path, stage: str) -> list[dict]:
 
 def _kept(output: Path) -> int:
     """The documents in the output."""
-    from llm.data.cleaning import read_jsonl_zst
-
-    return sum(1 for path in sorted(output.glob("*.jsonl.zst")) for _ in read_jsonl_zst(path))
+    return sum(1 for path in sorted(output.glob("*.jsonl.zst")) for _ in jsonl_rows(path))
 
 
 def _clusters(work: Path, kept: int) -> tuple[int, dict[int, int]]:

@@ -5,7 +5,6 @@ is installed."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from llm.data.corpus import Corpus, CorpusStats, ReadOptions, read_segment
+from llm.data.corpus import Corpus, CorpusStats, ReadOptions, jsonl_rows, read_segment
 from llm.data.files import atomic_write, atomic_write_json
 
 WORK_ITEM_BYTES = 1 << 16  # the corpus's work items, dealt round-robin to the tasks
@@ -67,20 +66,9 @@ class TaskFileReader(PipelineStep):
         path = Path(self.folder) / f"{rank:05d}.jsonl.zst"
         if not path.is_file():
             return
-        for row in read_jsonl_zst(path):
+        for row in jsonl_rows(path):
             self.stat_update("documents")
             yield Document(text=row["text"], id=row["id"], metadata=row.get("metadata") or {})
-
-
-def read_jsonl_zst(path: Path):
-    """The rows of a .jsonl.zst file, streamed."""
-    import io
-
-    import zstandard
-
-    with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as fh:
-        for line in io.TextIOWrapper(fh, encoding="utf-8"):
-            yield json.loads(line)
 
 
 WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)  # punctuation marks are words of their own, as NLTK's splitter has them

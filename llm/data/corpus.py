@@ -323,6 +323,14 @@ def _lines(seg: Segment) -> Iterator[bytes]:
         raise _unreadable(seg, e) from None
 
 
+def jsonl_rows(path: str | Path) -> Iterator[dict]:
+    """The objects of a JSONL file (plain, .gz or .zst), streamed the way the corpus reads them (a compressed
+    file cut short is a CorpusError naming it)."""
+    for line in _lines(Segment(str(path))):
+        if line.strip():
+            yield json.loads(line)
+
+
 def _decode(raw: bytes, stats: CorpusStats) -> str:
     try:
         return raw.decode("utf-8")

@@ -9,15 +9,13 @@ numbers behind them, also printed).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
-import zstandard
 
-from llm.data.corpus import cleaning_record
+from llm.data.corpus import cleaning_record, jsonl_rows
 from llm.data.files import atomic_write
 
 
@@ -31,11 +29,8 @@ def _lengths(folder: Path) -> np.ndarray:
 
 
 def _kept_lengths(output: Path) -> np.ndarray:
-    lengths = []
-    for path in sorted(output.glob("*.jsonl.zst")):
-        with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as fh:
-            lengths += [len(json.loads(line)["text"]) for line in io.TextIOWrapper(fh, encoding="utf-8")]
-    return np.asarray(lengths, dtype=np.int64)
+    rows = (row for path in sorted(output.glob("*.jsonl.zst")) for row in jsonl_rows(path))
+    return np.asarray([len(row["text"]) for row in rows], dtype=np.int64)
 
 
 def summary_text(s: dict) -> str:
