@@ -188,6 +188,16 @@ def test_slurm_without_slurm_is_one_line_before_any_work(tmp_path, corpus):
     assert not (tmp_path / "out.clean").exists()
 
 
+@pytest.mark.parametrize("value, ok", [("90", True), ("4:00:00", True), ("1-12:00:00", True), ("4h", False)])
+def test_the_slurm_time_limit_is_checked_before_any_work(value, ok):
+    from llm.data.clean import SLURM_TIME, CleanError, SlurmOptions, _check_slurm
+
+    assert bool(SLURM_TIME.fullmatch(value)) == ok
+    if not ok:  # checked before anything else, Slurm's commands included
+        with pytest.raises(CleanError, match="--time '4h' is not a Slurm time limit"):
+            _check_slurm(SlurmOptions(time=value))
+
+
 def test_an_output_directory_holding_other_files_is_refused(tmp_path, corpus):
     raw, _ = corpus
     (tmp_path / "out").mkdir()

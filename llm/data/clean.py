@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -310,17 +311,21 @@ def _finished(cfg: CleanConfig) -> bool:
     return True
 
 
+# Slurm's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, or no limit
+SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|UNLIMITED|INFINITE")
+
+
 def _check_slurm(slurm: SlurmOptions) -> None:
     import shutil
 
-    missing = [c for c in ("sbatch", "squeue", "sinfo") if shutil.which(c) is None]
-    if missing:
-        raise CleanError(f"--slurm: {', '.join(missing)} not found on PATH; run it where Slurm's commands are")
     for name in ("cpus_per_task", "mem_per_cpu_gb"):
         if getattr(slurm, name) < 1:
             raise CleanError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(slurm, name)})")
-    if not slurm.time.strip():
-        raise CleanError("--time is empty; give a Slurm time limit such as 4:00:00")
+    if not SLURM_TIME.fullmatch(slurm.time):
+        raise CleanError(f"--time {slurm.time!r} is not a Slurm time limit; give e.g. 90, 4:00:00 or 1-12:00:00")
+    missing = [c for c in ("sbatch", "squeue", "sinfo") if shutil.which(c) is None]
+    if missing:
+        raise CleanError(f"--slurm: {', '.join(missing)} not found on PATH; run it where Slurm's commands are")
 
 
 def clean_on_slurm(cfg: CleanConfig, slurm: SlurmOptions) -> tuple[str, dict | list[str]]:
