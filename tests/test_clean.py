@@ -190,12 +190,12 @@ def test_slurm_without_slurm_is_one_line_before_any_work(tmp_path, corpus):
 
 @pytest.mark.parametrize("value, ok", [("90", True), ("4:00:00", True), ("1-12:00:00", True), ("4h", False)])
 def test_the_slurm_time_limit_is_checked_before_any_work(value, ok):
-    from llm.data.clean import SLURM_TIME, CleanError, SlurmOptions, _check_slurm
+    from llm.data.slurm_stages import SLURM_TIME, SlurmOptions, SlurmStageError, check_slurm
 
     assert bool(SLURM_TIME.fullmatch(value)) == ok
     if not ok:  # checked before anything else, Slurm's commands included
-        with pytest.raises(CleanError, match="--time '4h' is not a Slurm time limit"):
-            _check_slurm(SlurmOptions(time=value))
+        with pytest.raises(SlurmStageError, match="--time '4h' is not a Slurm time limit"):
+            check_slurm(SlurmOptions(time=value))
 
 
 def test_an_output_directory_holding_other_files_is_refused(tmp_path, corpus):

@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -295,22 +296,26 @@ def clean_corpus(folder: Path) -> Path:
     return folder
 
 
-def clean_command(cluster, *args) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "llm.data.clean", *map(str, args)]
+def data_command(cluster, module, *args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", module, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**cluster.env, "OMP_NUM_THREADS": "1"})
 
 
-def follow(cluster, args, timeout=300) -> tuple[list[str], subprocess.CompletedProcess]:
-    """Rerun the command until it writes its summary (as a user following the run would); the states seen."""
+def clean_command(cluster, *args) -> subprocess.CompletedProcess:
+    return data_command(cluster, "llm.data.clean", *args)
+
+
+def follow(cluster, args, timeout=300, module="llm.data.clean") -> tuple[list[str], subprocess.CompletedProcess]:
+    """Rerun the command until it reports the finished run (as a user following it would); the states seen."""
     states, deadline = [], time.time() + timeout
     while time.time() < deadline:
-        r = clean_command(cluster, *args)
+        r = data_command(cluster, module, *args)
         assert r.returncode == 0, r.stderr[-2000:]
         states.append(r.stdout.split()[0])
         if r.stdout.startswith("wrote"):
             return states, r
         time.sleep(2)
-    raise TimeoutError(f"the cleaning did not finish in {timeout} s: {states}")
+    raise TimeoutError(f"{module} did not finish in {timeout} s: {states}")
 
 
 def output_bytes(out: Path) -> dict[str, bytes]:
@@ -363,3 +368,97 @@ def test_a_failed_stage_on_slurm_cancels_the_later_ones_and_the_rerun_finishes_i
     states, _ = follow(cluster, args)
     assert states[0] == "submitted" and states[-1] == "wrote", states
     assert output_bytes(tmp_path / "out") == output_bytes(local)
+
+
+def test_clean_on_two_nodes_writes_what_a_local_run_writes(two_nodes, clean_local, tmp_path):
+    pytest.importorskip("datatrove")
+    raw, local = clean_local
+    args = ["--input", raw, "--output", tmp_path / "out", "--tasks", 2, "--slurm", "--time", "5"]
+    states, _ = follow(two_nodes, args)
+    assert states[0] == "submitted" and states[-1] == "wrote", states
+    assert output_bytes(tmp_path / "out") == output_bytes(local)
+
+
+# ---- python -m llm.data.prepare_data --slurm ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prepare_local(tmp_path_factory, tokenizer_dir):
+    """A corpus of several work items (1 MB each) and its preparation here (the reference for the Slurm runs)."""
+    from llm.data.corpus import stdlib_files
+
+    d = tmp_path_factory.mktemp("prepare-local")
+    raw = d / "raw"
+    raw.mkdir()
+    size = 0
+    for i, f in enumerate(sorted(stdlib_files(), key=lambda f: f.stat().st_size, reverse=True)[:150]):
+        shutil.copy(f, raw / f"m{i:03d}.py")
+        size += f.stat().st_size
+    assert size > 4e6, size  # four work items at least
+    shutil.copy(raw / "m000.py", raw / "z_copy.py")  # a copy in the last task of the first task's document
+    args = ["--input", raw, "--tokenizer", tokenizer_dir, "--val-fraction", 0.05, "--shard-tokens", 200_000]
+    cmd = [sys.executable, "-m", "llm.data.prepare_data", *args, "--output", d / "data", "--no-progress"]
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return args, d / "data"
+
+
+def dataset_files(out: Path) -> dict:
+    """Every file of a prepared dataset; the manifest without the command, the time and the output path."""
+    found = output_bytes(out)
+    manifest = json.loads(found.pop("manifest.json"))
+    assert manifest["config"].pop("output") == str(out) and manifest["stats"]["duplicates_dropped"] == 1
+    found["manifest.json"] = {k: v for k, v in manifest.items() if k not in ("command", "created")}
+    return found
+
+
+def test_prepare_data_on_slurm_tokenizes_in_array_tasks_and_writes_what_a_local_run_writes(
+    cluster, prepare_local, tmp_path
+):
+    pytest.importorskip("datatrove")
+    args, local = prepare_local
+    args = [*args, "--output", tmp_path / "data", "--slurm", "--tasks", 3, "--cpus-per-task", 1, "--time", "5"]
+    states, r = follow(cluster, args, module="llm.data.prepare_data")
+    assert states[0] == "submitted" and states[-1] == "wrote", states
+    assert dataset_files(tmp_path / "data") == dataset_files(local)
+    assert "--verify" in r.stdout
+    verify = data_command(cluster, "llm.data.prepare_data", "--verify", tmp_path / "data")
+    assert verify.returncode == 0, verify.stderr
+    work = tmp_path / "data.prepare"
+    assert len(list((work / "logs" / "encode" / "completions").iterdir())) == 3
+    assert not (work / "encoded").exists()  # the tokens in between, removed once the shards were written
+    launch = (work / "logs" / "encode" / "launch_script.slurm").read_text()
+    assert "--array=0-2" in launch and "--kill-on-invalid-dep=yes" in launch and "--qos" not in launch
+
+
+def test_a_failed_encode_task_cancels_the_shards_job_and_the_rerun_runs_only_that_task(
+    cluster, prepare_local, tmp_path
+):
+    pytest.importorskip("datatrove")
+    args, local = prepare_local
+    args = [*args, "--output", tmp_path / "data", "--slurm", "--tasks", 3, "--cpus-per-task", 1, "--time", "5"]
+    encoded = tmp_path / "data.prepare" / "encoded"
+    (encoded / "00001.tokens").mkdir(parents=True)  # task 1 cannot write its tokens
+    r = data_command(cluster, "llm.data.prepare_data", *args)
+    assert r.returncode == 0 and r.stdout.startswith("submitted"), r.stdout + r.stderr[-2000:]
+    deadline = time.time() + 180
+    while run("squeue", "-h", env=cluster.env).stdout.strip():  # the shards job must not pend forever
+        assert time.time() < deadline, run("squeue", env=cluster.env).stdout
+        time.sleep(1)
+    done = {p.name: p.stat().st_mtime_ns for p in encoded.glob("*.npz")}
+    assert sorted(done) == ["00000.npz", "00002.npz"] and not (tmp_path / "data").exists()
+    (encoded / "00001.tokens").rmdir()  # the cause fixed: the same command takes it from there
+    states, _ = follow(cluster, args, module="llm.data.prepare_data")
+    assert states[0] == "submitted" and states[-1] == "wrote", states
+    ranks = json.loads((tmp_path / "data.prepare" / "logs" / "encode" / "ranks_to_run.json").read_text())
+    assert ranks == [1]  # only the failed task ran again
+    assert dataset_files(tmp_path / "data") == dataset_files(local)
+
+
+def test_prepare_data_on_two_nodes_writes_what_a_local_run_writes(two_nodes, prepare_local, tmp_path):
+    pytest.importorskip("datatrove")
+    args, local = prepare_local
+    args = [*args, "--output", tmp_path / "data", "--slurm", "--tasks", 2, "--cpus-per-task", 1, "--time", "5"]
+    states, _ = follow(two_nodes, args, module="llm.data.prepare_data")
+    assert states[-1] == "wrote", states
+    assert dataset_files(tmp_path / "data") == dataset_files(local)
+    logs = "".join(p.read_text() for p in (tmp_path / "data.prepare" / "logs" / "encode" / "slurm").glob("*"))
+    assert "on nodeA" in logs and "on nodeB" in logs, logs[-3000:]  # one CPU per node: a task on each

@@ -21,13 +21,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llm.data.corpus import CorpusError, ReadOptions, cleaning_record, jsonl_rows, resolve_inputs
 from llm.data.files import atomic_write_json
+from llm.data.slurm_stages import (
+    SlurmOptions,
+    SlurmStageError,
+    check_slurm,
+    completed,
+    job_prefix,
+    queued,
+    slurm_executor,
+)
 
 PROFILES = ("web", "code", "none")
 EXTRA = "the data extra is not installed: pip install 'llm-pretrain[data]' (datatrove)"
@@ -56,16 +64,6 @@ class CleanConfig:
     @property
     def work(self) -> Path:
         return cleaning_record(self.output)
-
-
-@dataclass(frozen=True)
-class SlurmOptions:
-    """Where and how the stages run as Slurm array jobs (none of it changes the output)."""
-
-    partition: str | None = None  # None: the cluster's default partition
-    time: str = "4:00:00"  # each array task's limit
-    cpus_per_task: int = 1
-    mem_per_cpu_gb: int = 2
 
 
 def check(cfg: CleanConfig) -> None:
@@ -111,7 +109,7 @@ def _stages(cfg: CleanConfig, slurm: SlurmOptions | None = None):
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.hashing import HashConfig
 
-    from llm.data.cleaning import CodeFilter, CorpusReader, RegexWords, TaskFileReader, slurm_executor, web_filters
+    from llm.data.cleaning import CodeFilter, CorpusReader, RegexWords, TaskFileReader, web_filters
 
     work, opts = cfg.work, ReadOptions(cfg.text_field, cfg.skip_bad_lines)
     minhash = MinhashConfig(
@@ -149,18 +147,12 @@ def _stages(cfg: CleanConfig, slurm: SlurmOptions | None = None):
         if slurm is None:
             executor = LocalPipelineExecutor(pipeline, tasks, workers, logging_dir=str(logs), depends=executor)
         else:
-            executor = slurm_executor(pipeline, tasks, workers, logs, f"{slurm_name(cfg)}-{name}", slurm, executor)
+            name = f"{job_prefix('clean', cfg.output)}-{name}"
+            executor = slurm_executor(pipeline, tasks, workers, logs, name, slurm, executor)
     return executor
 
 
 STAGES = ("filter", "signatures", "buckets", "clusters", "dedup")
-
-
-def slurm_name(cfg: CleanConfig) -> str:
-    """The prefix of this run's job names: one per output directory."""
-    import hashlib
-
-    return "clean-" + hashlib.sha256(str(Path(cfg.output).resolve()).encode()).hexdigest()[:8]
 
 
 def _stats(work: Path, stage: str) -> list[dict]:
@@ -292,50 +284,20 @@ def _failed(cfg: CleanConfig, e: Exception) -> CleanError:
     )
 
 
-def _queued(cfg: CleanConfig) -> list[str]:
-    """This run's jobs still in the Slurm queue (pending or running)."""
-    import subprocess
-
-    out = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.split()[1].startswith(slurm_name(cfg))]
-
-
 def _finished(cfg: CleanConfig) -> bool:
     """Every task of every stage done."""
     tasks = {"buckets": cfg.num_buckets, "clusters": 1}
-    for name in STAGES:
-        logs = cfg.work / "logs" / name
-        done = len(list((logs / "completions").glob("*"))) if (logs / "completions").is_dir() else 0
-        if done < tasks.get(name, cfg.tasks):
-            return False
-    return True
-
-
-# Slurm's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, or no limit
-SLURM_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|UNLIMITED|INFINITE")
-
-
-def _check_slurm(slurm: SlurmOptions) -> None:
-    import shutil
-
-    for name in ("cpus_per_task", "mem_per_cpu_gb"):
-        if getattr(slurm, name) < 1:
-            raise CleanError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(slurm, name)})")
-    if not SLURM_TIME.fullmatch(slurm.time):
-        raise CleanError(f"--time {slurm.time!r} is not a Slurm time limit; give e.g. 90, 4:00:00 or 1-12:00:00")
-    missing = [c for c in ("sbatch", "squeue", "sinfo") if shutil.which(c) is None]
-    if missing:
-        raise CleanError(f"--slurm: {', '.join(missing)} not found on PATH; run it where Slurm's commands are")
+    return all(completed(cfg.work / "logs" / name) >= tasks.get(name, cfg.tasks) for name in STAGES)
 
 
 def clean_on_slurm(cfg: CleanConfig, slurm: SlurmOptions) -> tuple[str, dict | list[str]]:
     """One step of a cleaning on Slurm: ("running", job ids) while this run's jobs are queued; ("done", summary)
     once every stage finished; else ("submitted", job ids) for the stages' tasks not finished yet."""
     check(cfg)
-    _check_slurm(slurm)
+    check_slurm(slurm)
     _pin(cfg)
-    if queued := _queued(cfg):
-        return "running", queued
+    if jobs := queued(job_prefix("clean", cfg.output)):
+        return "running", jobs
     if _finished(cfg):
         summary = summarize(cfg)
         atomic_write_json(cfg.work / "summary.json", summary)
@@ -344,7 +306,7 @@ def clean_on_slurm(cfg: CleanConfig, slurm: SlurmOptions) -> tuple[str, dict | l
         _stages(cfg, slurm).run()
     except Exception as e:
         raise _failed(cfg, e) from None
-    return "submitted", _queued(cfg)
+    return "submitted", queued(job_prefix("clean", cfg.output))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -399,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             state, result = clean_on_slurm(cfg, slurm)
         else:
             state, result = "done", clean(cfg)
-    except (CleanError, CorpusError) as e:
+    except (CleanError, CorpusError, SlurmStageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _print(cfg, state, result)

@@ -214,39 +214,3 @@ class CodeFilter(BaseFilter):
         if sum(c.isdigit() for c in text) > r.max_digit_share * alnum:
             return False, "numeric_data"
         return True
-
-
-def default_partition() -> str:
-    """The cluster's default partition (sinfo marks it with *)."""
-    import subprocess
-
-    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, check=True).stdout.split()
-    marked = [p[:-1] for p in out if p.endswith("*")]
-    return marked[0] if marked else out[0]
-
-
-def slurm_executor(pipeline, tasks: int, workers: int, logs: Path, job_name: str, opts, depends=None):
-    """datatrove's Slurm executor as this cluster needs it: no QOS forced (its default `normal` is rejected where
-    no such QOS exists); the stages after a failed one cancelled by Slurm, not left pending forever
-    (--kill-on-invalid-dep); the jobs run this Python's environment (its bin/ on PATH: datatrove's
-    launch_pickled_pipeline and merge_stats are there)."""
-    import sys
-
-    from datatrove.executor import SlurmPipelineExecutor
-
-    return SlurmPipelineExecutor(
-        pipeline,
-        tasks=tasks,
-        time=opts.time,
-        partition=opts.partition or default_partition(),
-        cpus_per_task=opts.cpus_per_task,
-        mem_per_cpu_gb=opts.mem_per_cpu_gb,
-        workers=workers,
-        job_name=job_name,
-        qos="",
-        env_command=f"export PATH={Path(sys.executable).parent}:$PATH",
-        sbatch_args={"kill-on-invalid-dep": "yes"},
-        logging_dir=str(logs),
-        slurm_logs_folder=str(logs / "slurm"),
-        depends=depends,
-    )

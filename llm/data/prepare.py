@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -101,7 +101,9 @@ def _encode_item(args: tuple[list[Segment], ReadOptions, str]):
     return hashes, flat, lengths, stats
 
 
-def _results(cfg: PrepareConfig, items: list[list[Segment]], opts: ReadOptions, dtype: str):
+def encode_items(cfg: PrepareConfig, items: list[list[Segment]], opts: ReadOptions, dtype: str):
+    """Each work item's (digests, tokens with EOS, document lengths, read counts), in order, on `cfg.workers`
+    processes."""
     work = [(item, opts, dtype) for item in items]
     if cfg.workers == 1:
         _init_worker(cfg.tokenizer)
@@ -135,19 +137,10 @@ class _SplitBuffer:
         return out
 
 
-def prepare(
-    cfg: PrepareConfig,
-    progress: bool = True,
-    verbose: bool = True,
-    command: list[str] | None = None,
-    on_checkpoint: Callable[[int], None] | None = None,
-) -> dict:
-    """Tokenize `cfg.inputs` into shards under `cfg.output` and return the manifest. `progress` shows a
-    progress bar, `verbose` prints what was done.
-
-    `on_checkpoint(items_done)` is called after each checkpoint (tests use it to interrupt a run)."""
+def plan(cfg: PrepareConfig) -> tuple[Tokenizer, str, ReadOptions, Corpus, dict]:
+    """What a preparation of `cfg` works from: the tokenizer, the token dtype, the read options, the corpus
+    planned into work items, and the fingerprint that a resumed or repeated preparation must match."""
     cfg.validate()
-    out = Path(cfg.output)
     tok = Tokenizer.load(cfg.tokenizer)
     dtype = dtype_for_vocab(tok.vocab_size, cfg.dtype)
     opts = ReadOptions(cfg.text_field, cfg.skip_bad_lines)
@@ -163,6 +156,29 @@ def prepare(
         "files": hashlib.sha256(json.dumps(corpus.fingerprint()).encode()).hexdigest(),
         "n_files": len(corpus.files),
     }
+    return tok, dtype, opts, corpus, fingerprint
+
+
+# (the first work item to encode) -> the encoded results of it and of every later item, in order
+Encoded = Callable[[int], Iterator[tuple[bytes, np.ndarray, np.ndarray, CorpusStats]]]
+
+
+def prepare(
+    cfg: PrepareConfig,
+    progress: bool = True,
+    verbose: bool = True,
+    command: list[str] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
+    encoded: Encoded | None = None,
+) -> dict:
+    """Tokenize `cfg.inputs` into shards under `cfg.output` and return the manifest. `progress` shows a
+    progress bar, `verbose` prints what was done. `encoded` gives the work items' results when they were
+    computed elsewhere (the Slurm array tasks of llm/data/prepare_cluster.py); by default this machine's
+    worker processes compute them.
+
+    `on_checkpoint(items_done)` is called after each checkpoint (tests use it to interrupt a run)."""
+    tok, dtype, opts, corpus, fingerprint = plan(cfg)
+    out = Path(cfg.output)
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
         if manifest.get("fingerprint") != fingerprint:
@@ -180,7 +196,8 @@ def prepare(
     total = sum(segment_size(s) for item in todo for s in item)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress, file=sys.stderr)
     t0, tokens_total = time.time(), 0
-    for item, result in zip(todo, _results(cfg, todo, opts, dtype), strict=True):
+    results = encoded(run.items_done) if encoded else encode_items(cfg, todo, opts, dtype)
+    for item, result in zip(todo, results, strict=True):
         run.add(*result)
         tokens_total += result[1].size
         bar.update(sum(segment_size(s) for s in item))

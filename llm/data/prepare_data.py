@@ -5,6 +5,10 @@
 
 Rerunning an interrupted command resumes it; the manifest is written last, so a directory without
 manifest.json is never mistaken for a complete dataset.
+
+On a Slurm cluster, the same command with --slurm --tasks N tokenizes in N array tasks and writes the shards and
+manifest in a final job, byte-identical to the preparation here (llm/data/prepare_cluster.py); rerun the command
+to follow the run.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import sys
 from llm.data.corpus import CorpusError
 from llm.data.prepare import PrepareConfig, prepare
 from llm.data.shards import ShardError, verify
+from llm.data.slurm_stages import SlurmOptions
 from llm.data.tokenizer import TokenizerError
 
 
@@ -36,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-field", default="text", help="the JSONL field holding the text")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed JSONL lines")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s = p.add_argument_group("Slurm (tokenize in array tasks, then write the shards; rerun the command to follow)")
+    s.add_argument("--slurm", action="store_true", help="submit the preparation to Slurm instead of running it here")
+    s.add_argument("--tasks", type=int, default=8, help="array tasks that tokenize (the output does not depend on it)")
+    s.add_argument("--partition", default=None, help="default: the cluster's default partition")
+    s.add_argument("--time", default="4:00:00", help="each task's time limit")
+    s.add_argument("--cpus-per-task", type=int, default=8, help="tokenizing processes per task")
+    s.add_argument("--mem-per-cpu-gb", type=int, default=2)
     args = p.parse_args(argv)
 
     if args.verify:
@@ -67,10 +79,36 @@ def main(argv: list[str] | None = None) -> int:
         skip_bad_lines=args.skip_bad_lines,
     )
     try:
+        if args.slurm:
+            slurm = SlurmOptions(args.partition, args.time, args.cpus_per_task, args.mem_per_cpu_gb)
+            return _on_slurm(cfg, args.tasks, slurm)
         prepare(cfg, progress=not args.no_progress, command=sys.argv)
     except (CorpusError, ShardError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _on_slurm(cfg: PrepareConfig, tasks: int, slurm: SlurmOptions) -> int:
+    try:
+        from llm.data.prepare_cluster import prepare_on_slurm
+    except ImportError:
+        print("error: --slurm needs the data extra: pip install 'llm-pretrain[data]' (datatrove)", file=sys.stderr)
+        return 2
+    state, result = prepare_on_slurm(cfg, tasks, slurm, command=sys.argv)
+    if state == "running":
+        print(f"still running: jobs {', '.join(result)}; run the same command when they end")
+    elif state == "submitted":
+        print(
+            f"submitted jobs {', '.join(result)}; run the same command when they end: it reports the dataset, or "
+            "resubmits the tasks that did not finish (a failed task cancels the shards job)"
+        )
+    else:
+        splits = result["splits"]
+        print(
+            f"wrote {cfg.output}: train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} "
+            f"tokens; check it with python -m llm.data.prepare_data --verify {cfg.output}"
+        )
     return 0
 
 
