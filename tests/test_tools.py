@@ -105,6 +105,19 @@ def test_bench_data_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_clean_smoke(tmp_path):
+    pytest.importorskip("datatrove")
+    out = tmp_path / "bench.json"
+    r = tool("bench_clean.py", "--smoke", "--out", out)
+    assert r.returncode == 0, r.stderr
+    stages = json.loads(out.read_text())["stages"]
+    assert list(stages) == ["filters_web", "filters_code", "signatures", "dedup_rest", "tokenize"]
+    for name, row in stages.items():  # every stage ran on input of its own, and took time
+        assert row["input_mb"] > 0 and row["ours"]["seconds"] > 0, (name, row)
+    assert stages["tokenize"]["input_mb"] <= stages["dedup_rest"]["input_mb"]  # what the dedup kept
+    assert "tokenize" in r.stdout
+
+
 def test_bench_train_smoke(tmp_path, prepared_dir, tokenizer_dir):
     out = tmp_path / "bench.json"
     r = tool(
