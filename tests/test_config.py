@@ -183,6 +183,7 @@ BAD_VALUES = {
     "deepspeed.reduce_bucket_size": (0, "deepspeed.reduce_bucket_size: 0 must be at least 1"),
     "deepspeed.allgather_bucket_size": (-1, "deepspeed.allgather_bucket_size: -1 must be at least 1"),
     "deepspeed.overlap_comm": ("true", "deepspeed.overlap_comm: expected true or false, got 'true'"),
+    "parallel.sequence": (0, "parallel.sequence: 0 must be at least 1"),
     "logger.wandb": (None, "logger.wandb: expected true or false, got None"),
     "logger.mode": ("disabled", "logger.mode: 'disabled' is not one of offline, online"),
     "logger.project": (" ", "logger.project: must not be empty"),

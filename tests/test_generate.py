@@ -14,7 +14,7 @@ from llm.config.schema import ModelConfig
 from llm.data.dataset import open_windows
 from llm.generate import GenerationError, Sampling, generate
 from llm.model.gpt import GPT
-from llm.parallel import distributed as D
+from llm.parallel.mesh import Mesh
 from llm.store.checkpoint import CheckpointError
 from llm.store.weights import load_model
 from llm.train import train
@@ -99,8 +99,7 @@ def test_a_checkpoint_of_any_zero_stage_loads_into_a_plain_model_with_the_traine
     assert run_cfg.model == cfg.model and not model.training
     # the run's own val loss after step 2, recomputed by the loaded model over the same windows
     windows = open_windows(cfg.data.paths, "val", cfg.data.seq_len, cfg.train.seed, cfg.data.weights, shuffle=False)
-    env = D.DistEnv(0, 1, 0, "plain")
-    loss = evaluate(model, windows, run_cfg, env, torch.device("cpu"), tok.eos_id)
+    loss = evaluate(model, windows, run_cfg, Mesh(1, 0), torch.device("cpu"), tok.eos_id)
     assert loss == pytest.approx(out["val_loss"], abs=1e-6)
 
 

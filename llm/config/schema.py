@@ -180,6 +180,14 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the ranks share the work besides data parallelism (llm/parallel/mesh.py)."""
+
+    # ranks per sequence-parallel group: each holds 1/sequence of every sequence (DeepSpeed-Ulysses' scheme)
+    sequence: int = setting(1, _at_least(1))
+
+
+@dataclass
 class LoggerConfig:
     """Where metrics go besides the run directory's metrics.jsonl (always written)."""
 
@@ -249,6 +257,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     name: str = setting("demo", _run_name)  # the run's name; the run directory is <runs_dir>/<name>
@@ -340,10 +349,13 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool = False) -> None:
     )
     if cfg.data.weights is not None:
         _need(len(cfg.data.weights) == len(cfg.data.paths), "data.weights", "needs one weight per data.paths entry")
+    _check_sequence_parallel(cfg, world_size)
+    data = world_size // cfg.parallel.sequence
     _need(
-        t.global_batch % (t.micro_batch * world_size) == 0,
+        t.global_batch % (t.micro_batch * data) == 0,
         "train.global_batch",
-        f"{t.global_batch} is not divisible by train.micro_batch={t.micro_batch} x world size {world_size}",
+        f"{t.global_batch} is not divisible by train.micro_batch={t.micro_batch} x "
+        + (f"world size {world_size}" if data == world_size else f"{data} data-parallel groups"),
     )
     _need(
         not (d.precision == "fp16" and not cuda),
@@ -361,3 +373,27 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool = False) -> None:
     if lora.rank:
         _need(d.stage < 3, "lora.rank", "LoRA runs use deepspeed.stage 0-2 (stage 3 is not supported with adapters)")
         _need("gate" not in lora.targets or m.mlp == "swiglu", "lora.targets", "gate needs model.mlp=swiglu")
+
+
+def _check_sequence_parallel(cfg: Config, world_size: int) -> None:
+    m, sp = cfg.model, cfg.parallel.sequence
+    if sp == 1:
+        return
+    kv = m.n_kv_head or m.n_head
+    name = "parallel.sequence"
+    _need(
+        m.n_head % sp == 0, name, f"{sp} does not divide model.n_head={m.n_head} (each rank takes 1/{sp} of the heads)"
+    )
+    _need(
+        kv % sp == 0 or sp % kv == 0,
+        name,
+        f"{sp} and model.n_kv_head={kv}: one must divide the other (the KV heads are split over the group, or "
+        "repeated up to one per rank)",
+    )
+    _need(
+        cfg.data.seq_len % sp == 0,
+        name,
+        f"{sp} does not divide data.seq_len={cfg.data.seq_len} (each rank holds 1/{sp} of every sequence)",
+    )
+    _need(cfg.task != "classify", name, "task=classify reads whole sequences; train it with parallel.sequence=1")
+    _need(world_size % sp == 0, name, f"{sp} does not divide the world size {world_size}; use a divisor of it")

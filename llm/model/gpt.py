@@ -18,6 +18,7 @@ from llm.data.examples import IGNORE
 from llm.kernels.attention import attention
 from llm.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from llm.kernels.norm import layer_norm, rms_norm
+from llm.model.sequence import SequenceParallel, group_mean_loss, spread_kv, to_heads, to_sequence
 
 
 def padded_vocab(cfg: ModelConfig) -> int:
@@ -73,6 +74,7 @@ class Attention(nn.Module):
         self.proj.residual = True  # scaled at init
         self.dropout = nn.Dropout(cfg.dropout)
         self.impl = cfg.kernels
+        self.sp: SequenceParallel | None = None  # set by GPT.sequence_parallel
 
     def forward(self, x, doc_ids=None, rope=None, cache=None):
         """With `cache` (a layer of llm.generate.KVCache) the new keys and values are appended to it and the
@@ -88,6 +90,13 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             y = cache.attend(q, k, v)
+        elif self.sp is not None:  # T is this rank's part: attend over the whole sequence for this rank's heads
+            q, k, v = (
+                to_heads(q, self.sp),
+                to_heads(spread_kv(k, self.sp), self.sp),
+                to_heads(spread_kv(v, self.sp), self.sp),
+            )
+            y = to_sequence(attention(q, k, v, causal=True, doc_ids=doc_ids, impl=self.impl), self.sp)
         else:
             y = attention(q, k, v, causal=True, doc_ids=doc_ids, impl=self.impl)  # (B, Hq, T, D)
         return self.dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
@@ -139,12 +148,15 @@ class Head(nn.Linear):
     def __init__(self, n_embd: int, padded: int, vocab_size: int, fused: bool):
         super().__init__(n_embd, padded, bias=False)
         self.vocab_size, self.fused = vocab_size, fused
+        self.sp: SequenceParallel | None = None  # set by GPT.sequence_parallel
 
     def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
             return F.linear(h, self.weight)[..., : self.vocab_size]
         loss = linear_cross_entropy if self.fused else linear_cross_entropy_ref
-        return loss(h.reshape(-1, h.size(-1)), self.weight, targets.reshape(-1), self.vocab_size, IGNORE)
+        targets = targets.reshape(-1)
+        mean = loss(h.reshape(-1, h.size(-1)), self.weight, targets, self.vocab_size, IGNORE)
+        return mean if self.sp is None else group_mean_loss(mean, (targets != IGNORE).sum(), self.sp)
 
 
 class GPT(nn.Module):
@@ -167,6 +179,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False
+        self.sp: SequenceParallel | None = None
         self.apply(self._init)
 
     def _init(self, module: nn.Module) -> None:
@@ -183,11 +196,25 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> logits (B, T, vocab_size); with targets (B, T), the mean cross-entropy over the
         targets that are not IGNORE (fine-tuning's prompt and padding tokens: exactly zero loss and gradient).
         Generation passes a KV cache (llm.generate); packed fine-tuning examples and generation pass each
-        token's position (B, T)."""
+        token's position (B, T). Under sequence parallelism every rank of the group passes the whole sequences
+        and computes its part of them (the loss is the group's; logits only for its part)."""
+        if self.sp is not None and targets is not None:
+            targets = self.sp.part(targets)
         return self.lm_head(self.hidden(idx, doc_ids, cache, positions), targets)
+
+    def sequence_parallel(self, sp: SequenceParallel | None) -> None:
+        """Split every sequence over the ranks of `sp`'s group from now on (None: each rank whole sequences)."""
+        self.sp = sp
+        for module in (*(b.attn for b in self.blocks), self.lm_head):
+            module.sp = sp
 
     def hidden(self, idx, doc_ids=None, cache=None, positions=None):
         """The final normed hidden states (B, T, n_embd): what the head (or a classifier) reads."""
+        sp = self.sp if cache is None else None
+        if sp is not None:  # this rank's part of the sequence; the document ids stay whole (for attention)
+            full = idx.size(1)
+            idx = sp.part(idx)
+            positions = sp.positions(full, idx.device) if positions is None else sp.part(positions)
         B, T = idx.shape
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
@@ -196,7 +223,10 @@ class GPT(nn.Module):
         rope = None
         if self.cfg.pos == "rope":
             tables = (self.rope_cos, self.rope_sin)
-            rope = tuple(t[:T] if positions is None else t[positions].unsqueeze(1) for t in tables)
+            if positions is None:
+                rope = tuple(t[:T] for t in tables)
+            else:  # (T,) positions: one table for the batch; (B, T): one per sequence
+                rope = tuple(t[positions] if positions.dim() == 1 else t[positions].unsqueeze(1) for t in tables)
         doc_ids = doc_ids if self.cfg.doc_mask else None
         residual = None
         for i, block in enumerate(self.blocks):
@@ -244,7 +274,16 @@ class GPT(nn.Module):
         top_k: int | None = 50,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Sample continuations of idx (B, T); the context is cropped to max_seq_len."""
+        """Sample continuations of idx (B, T); the context is cropped to max_seq_len. One process: without
+        sequence parallelism (restored after)."""
+        sp = self.sp
+        self.sequence_parallel(None)
+        try:
+            return self._generate(idx, max_new_tokens, temperature, top_k, generator)
+        finally:
+            self.sequence_parallel(sp)
+
+    def _generate(self, idx, max_new_tokens, temperature, top_k, generator) -> torch.Tensor:
         for _ in range(max_new_tokens):
             logits = self(idx[:, -self.cfg.max_seq_len :])[:, -1, :] / max(temperature, 1e-5)
             if top_k is not None:

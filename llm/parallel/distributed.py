@@ -183,10 +183,12 @@ def deepspeed_config(cfg: Config, world_size: int, n_params: int | None = None) 
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if d.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    # the ranks of a sequence-parallel group share their samples; DeepSpeed counts every rank as data parallel
+    accum = t.global_batch // (t.micro_batch * (world_size // cfg.parallel.sequence))
     return {
-        "train_batch_size": t.global_batch,
+        "train_batch_size": t.micro_batch * accum * world_size,
         "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": t.global_batch // (t.micro_batch * world_size),
+        "gradient_accumulation_steps": accum,
         "gradient_clipping": 0.0 if loop_clips(cfg) else cfg.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16" and autocast_dtype(cfg) is None},

@@ -30,6 +30,7 @@ from llm.data.tokenizer import Tokenizer
 from llm.model.gpt import GPT
 from llm.model.lora import add_lora
 from llm.parallel import distributed as D
+from llm.parallel.mesh import Mesh
 from llm.store.checkpoint import MARKER, CheckpointError
 from llm.store.rundir import Origin
 
@@ -48,21 +49,22 @@ def to_device(batch, device) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(engine, windows, cfg: Config, env: D.DistEnv, device, eos_id: int, vocab_size: int | None = None) -> float:
+def evaluate(engine, windows, cfg: Config, mesh: Mesh, device, eos_id: int, vocab_size: int | None = None) -> float:
     """Pretraining: the mean loss over the first eval_batches global batches of the val split, the same windows
     every time, whatever the number of ranks."""
     t = cfg.train
-    loader = BatchLoader(windows, t.global_batch, t.micro_batch, eos_id, env.rank, env.world_size, vocab_size)
+    loader = BatchLoader(windows, t.global_batch, t.micro_batch, eos_id, mesh.data_rank, mesh.data, vocab_size)
     batches = max(1, min(t.eval_batches, windows.n // t.global_batch))
     engine.eval()
     n = batches * loader.grad_accum
     losses = torch.stack([engine(**to_device(next(loader), device)).float() for _ in range(n)])
     engine.train()
-    # every micro-batch's loss, in the order of the global samples it covers (ranks hold contiguous parts of each
-    # global batch), summed in that order: the same number on any number of ranks
-    gathered = [torch.empty_like(losses) for _ in range(env.world_size)]
+    # every micro-batch's loss, in the order of the global samples it covers (data-parallel groups hold contiguous
+    # parts of each global batch; the ranks of a sequence-parallel group the same loss), summed in that order:
+    # the same number on any number of ranks
+    gathered = [torch.empty_like(losses) for _ in range(mesh.world)]
     dist.all_gather(gathered, losses)
-    ordered = torch.stack(gathered).reshape(env.world_size, batches, -1).transpose(0, 1).flatten()
+    ordered = torch.stack(gathered[:: mesh.sequence]).reshape(mesh.data, batches, -1).transpose(0, 1).flatten()
     return sum(ordered.double().tolist()) / len(ordered)
 
 
@@ -87,6 +89,7 @@ class Pretrain:
 
     def __init__(self, cfg: Config, env: D.DistEnv, run_dir: Path):
         self.cfg, self.env, self.run_dir, self.notes = cfg, env, run_dir, []
+        self.mesh = Mesh(env.world_size, env.rank, cfg.parallel.sequence)
 
     def prepare(self) -> None:  # rank 0, before the others start
         origin, default = Origin.of(self.run_dir), DataConfig()  # where the demo's own data goes: built if missing
@@ -104,7 +107,7 @@ class Pretrain:
         return build_model(self.cfg, self.tok)
 
     def loader(self):
-        cfg, t, env = self.cfg, self.cfg.train, self.env
+        cfg, t = self.cfg, self.cfg.train
         seq = cfg.data.seq_len
         windows = open_windows(cfg.data.paths, "train", seq, t.seed, cfg.data.weights, tokenizer_sha256=self.tok.sha256)
         try:
@@ -112,13 +115,15 @@ class Pretrain:
         except ShardError:
             self.val = None  # too little val data for one window
             self.notes.append("val split too small for one window: evaluation is skipped")
-        tok = self.tok
-        return BatchLoader(windows, t.global_batch, t.micro_batch, tok.eos_id, env.rank, env.world_size, tok.vocab_size)
+        tok, mesh = self.tok, self.mesh
+        return BatchLoader(
+            windows, t.global_batch, t.micro_batch, tok.eos_id, mesh.data_rank, mesh.data, tok.vocab_size
+        )
 
     def evaluate(self, engine, device, final: bool) -> dict | None:
         if self.val is None:
             return None
-        loss = evaluate(engine, self.val, self.cfg, self.env, device, self.tok.eos_id, self.tok.vocab_size)
+        loss = evaluate(engine, self.val, self.cfg, self.mesh, device, self.tok.eos_id, self.tok.vocab_size)
         return {"val/loss": loss, "val/ppl": float(np.exp(min(loss, 50.0)))}
 
     def client(self) -> dict:
@@ -149,6 +154,7 @@ class Finetune:
 
     def __init__(self, cfg: Config, env: D.DistEnv, run_dir: Path):
         self.cfg, self.env, self.run_dir, self.notes = cfg, env, run_dir, []
+        self.mesh = Mesh(env.world_size, env.rank, cfg.parallel.sequence)
         self.lora = cfg.lora.rank > 0
         self.new_record: dict | None = None  # init_from.json at the run's first start
 
@@ -212,17 +218,17 @@ class Finetune:
         return model
 
     def loader(self) -> ExampleLoader:
-        t, env = self.cfg.train, self.env
-        return ExampleLoader(self.train_rows, t.global_batch, t.micro_batch, env.rank, env.world_size, t.seed)
+        t, mesh = self.cfg.train, self.mesh
+        return ExampleLoader(self.train_rows, t.global_batch, t.micro_batch, mesh.data_rank, mesh.data, t.seed)
 
     def client(self) -> dict:
         return {"init_checkpoint": self.init_path}
 
     def batches(self, engine, rows: dict[str, np.ndarray], device):
         """(batch index, that batch's rows on `device`, its model output) of every micro-batch of `rows`, split
-        round-robin over the ranks; every rank runs the same number of forwards (ZeRO-3 gathers weights
-        collectively), repeating its last batch where it has none left (yielded with index None)."""
-        micro, rank, world = self.cfg.train.micro_batch, self.env.rank, self.env.world_size
+        round-robin over the data-parallel groups; every rank runs the same number of forwards (ZeRO-3 gathers
+        weights collectively), repeating its last batch where it has none left (yielded with index None)."""
+        micro, rank, world = self.cfg.train.micro_batch, self.mesh.data_rank, self.mesh.data
         n = len(next(iter(rows.values())))
         n_batches = math.ceil(n / micro)
         for i in range(math.ceil(n_batches / world)):
@@ -260,7 +266,7 @@ class SFT(Finetune):
         n_batches = math.ceil(len(self.val_rows["idx"]) / self.cfg.train.micro_batch)
         sums = torch.zeros(n_batches, 2, dtype=torch.float64, device=device)
         for b, batch, loss in self.batches(engine, self.val_rows, device):
-            if b is not None:
+            if b is not None and self.mesh.sequence_rank == 0:  # one rank of a sequence-parallel group counts it
                 count = (batch["targets"] != IGNORE).sum()
                 sums[b] = torch.stack([loss.double() * count, count.double()])
         engine.train()

@@ -180,6 +180,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         seed_everything(t.seed)
         self.model = self.task.build_model()
+        if cfg.parallel.sequence > 1:  # (refused for the classifier, which reads whole sequences)
+            self.model.sequence_parallel(self.task.mesh.groups())
         trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         ckpt_dir = self.run_dir / "checkpoints"  # (not created yet on a first start: the run directory is checked)
         probe = ckpt_dir if ckpt_dir.is_dir() else self.run_dir
@@ -251,7 +253,8 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.log.print(
             f"{self.model.num_params():,} parameters; {self.flops_per_token / 1e6:.1f} MFLOP/token; peak "
-            f"{self.peak.flops / 1e12:.2f} TFLOP/s/device ({self.peak.source}); {env.world_size} rank(s) x "
+            f"{self.peak.flops / 1e12:.2f} TFLOP/s/device ({self.peak.source}); {env.world_size} rank(s)"
+            f"{f' (sequence parallel {cfg.parallel.sequence})' if cfg.parallel.sequence > 1 else ''} x "
             f"{self.loader.grad_accum} micro-batch(es) of {t.micro_batch} per step; run dir {self.run_dir}"
         )
         self.guard = NonFiniteGuard(t.max_bad_steps, self.resume_from)
