@@ -60,3 +60,19 @@ def test_the_job_check_validates_at_the_jobs_size_and_leaves_a_token_in_the_run_
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     token = tmp_path / "gpt2-124m" / "rendezvous" / "shared.77.3"
     assert r.returncode == 0 and r.stdout.strip() == str(token) and token.is_file(), r.stderr
+
+
+def test_the_long_context_recipe_is_checked_at_its_world_size():
+    r = submit("--dry-run", "--nodes=4", "experiment=llama-1b-32k")
+    assert r.returncode == 0, r.stderr
+    assert "sequence: 8" in r.stdout and "seq_len: 32768" in r.stdout and "rope_theta: 1000000.0" in r.stdout
+    ds = json.loads(
+        r.stdout.split("# DeepSpeed JSON (written to the run directory when the job starts)\n")[1].split("#")[0]
+    )
+    # 32 ranks, 4 data-parallel groups of 8: 32 sequences per step are 8 micro-batches per group; DeepSpeed, which
+    # counts every rank as data parallel, sees 8 micro-batches of 1 on 32 ranks
+    assert ds["gradient_accumulation_steps"] == 8 and ds["train_batch_size"] == 256
+    r = submit("--dry-run", "--nodes=1", "--gpus-per-node=4", "experiment=llama-1b-32k")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: parallel.sequence: 8 does not divide the world size 4; use a divisor of it"
+    )

@@ -118,6 +118,18 @@ def test_bench_clean_smoke(tmp_path):
     assert "tokenize" in r.stdout
 
 
+def test_bench_sequence_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    r = tool("bench_sequence.py", "--smoke", "--out", out)
+    assert r.returncode == 0, r.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"1", "2", "4"} and runs["1"]["exchange_share"] == 0
+    assert (
+        runs["4"]["activation_mb_per_rank"] < runs["2"]["activation_mb_per_rank"] < runs["1"]["activation_mb_per_rank"]
+    )
+    assert all(0 < runs[n]["exchange_share"] < 1 for n in ("2", "4"))
+
+
 def test_bench_train_smoke(tmp_path, prepared_dir, tokenizer_dir):
     out = tmp_path / "bench.json"
     r = tool(

@@ -24,7 +24,7 @@ from llm.data.slurm_stages import SlurmOptions
 from llm.data.tokenizer import TokenizerError
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m llm.data.prepare_data",
         description=__doc__,
@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--time", default="4:00:00", help="each task's time limit")
     s.add_argument("--cpus-per-task", type=int, default=8, help="tokenizing processes per task")
     s.add_argument("--mem-per-cpu-gb", type=int, default=2)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
 
     if args.verify:
