@@ -78,8 +78,12 @@ def reference(cfg, with_docs=True):
         (2, dict(LLAMA, n_kv_head=2)),  # as many KV heads as ranks
         (4, dict(LLAMA, n_kv_head=1)),  # fewer KV heads than ranks: repeated across the group
         (4, dict(LLAMA, n_kv_head=2)),
+        (
+            2,
+            dict(LLAMA, n_kv_head=1, kernels="triton"),
+        ),  # our Triton kernels (the interpreter here) on the exchanged heads
     ],
-    ids=["gpt2-sp2", "gpt2-sp4", "llama-gqa2-sp2", "llama-gqa1-sp4", "llama-gqa2-sp4"],
+    ids=["gpt2-sp2", "gpt2-sp4", "llama-gqa2-sp2", "llama-gqa1-sp4", "llama-gqa2-sp4", "llama-triton-sp2"],
 )
 def test_split_sequences_give_one_process_loss_and_gradients(tmp_path, world, cfg):
     loss, grads = reference(cfg)
