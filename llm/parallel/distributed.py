@@ -115,16 +115,6 @@ def init(env: DistEnv, timeout_s: float = 300.0, rendezvous_dir: Path | None = N
     return torch.device("cuda", index) if cuda else torch.device("cpu")
 
 
-def shutdown() -> None:
-    """End the process groups before the process exits. Left to the interpreter's exit, gloo's threads can
-    outlive them and abort the process ("terminate called without an active exception", exit -6) after its exit
-    code was decided. Not after a peer failed: destroying a NCCL group with a dead peer can wait forever."""
-    global _solo_group
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    _solo_group = None
-
-
 def on_rank0(fn, errors: tuple[type[BaseException], ...]) -> None:
     """Run fn on rank 0 while the other ranks wait (up to SOLO_TIMEOUT_S); an error of the given types there
     is raised on every rank, so no rank is left waiting and every rank reports the same problem."""

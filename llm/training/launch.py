@@ -150,6 +150,4 @@ def run(argv: list[str] | None, usage: str) -> None:
         code = _ended(recorder, summary)
     finally:  # the outcome is recorded: the caller's handlers again (run() called in-process leaves none behind)
         stop.restore()
-    if code != CODES["rank_failure"]:
-        D.shutdown()
     sys.exit(code)
