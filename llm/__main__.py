@@ -22,7 +22,8 @@ COMMANDS = {
     "finetune": ("llm.finetune", "fine-tune a checkpoint: task=sft or classify, full or LoRA"),
     # using a checkpoint
     "generate": ("llm.generate", "sample text from a checkpoint"),
-    "evaluate": ("llm.evaluate", "perplexity and bits per byte, or a classifier's report"),
+    "evaluate": ("llm.evaluate", "perplexity and bits per byte, a classifier's report, or downstream tasks"),
+    "harness": ("llm.harness", "the lm-evaluation-harness's command line with our model (--model llm-pretrain)"),
     "export": ("llm.export", "write a checkpoint as a HuggingFace transformers directory"),
 }
 

@@ -174,7 +174,38 @@ def _parser() -> argparse.ArgumentParser:
         "directory, metrics.json with roc.png and confusion.png, one subdirectory per file if several)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    h = p.add_argument_group("downstream tasks (lm-evaluation-harness, offline; docs/evaluation.md)")
+    h.add_argument("--tasks", default=None, help="NAME[,NAME]: score these tasks instead of the held-out loss")
+    h.add_argument("--include-path", action="append", help="a directory of task YAMLs besides the shipped ones")
+    h.add_argument("--limit", type=int, default=None, help="at most N examples per task")
     return p
+
+
+def _tasks(args) -> int:
+    """`--tasks`: the harness on the checkpoint; its table, and its results JSON at --output."""
+    try:
+        from llm.evals.harness import HarnessModel
+        from llm.evals.suite import TaskError, run_tasks, task_manager
+    except ImportError:
+        print("error: --tasks needs the eval extra: pip install 'llm-pretrain[eval]' (lm-eval)", file=sys.stderr)
+        return 2
+    from llm.evals.suite import check_offline
+    from llm.store.checkpoint import CheckpointError
+
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    try:
+        check_offline(task_manager(args.include_path), names)  # before the model is loaded
+        model = HarnessModel(checkpoint=args.checkpoint, batch_size=args.batch_size, device=args.device)
+        result = run_tasks(model, names, args.include_path, args.limit)
+    except (TaskError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for task, metrics in result["results"].items():
+        shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{task}: {shown} ({metrics.get('sample_len', '?')} examples)")
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
 
 
 def _print(result: dict, split: str, output: str | None) -> None:
@@ -211,10 +242,12 @@ def _print(result: dict, split: str, output: str | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = _parser()
     args = p.parse_args(argv)
-    for name in ("batch_size", "max_windows", "seq_len"):
+    for name in ("batch_size", "max_windows", "seq_len", "limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.tasks is not None:
+        sys.exit(_tasks(args))
     from llm.data.examples import ExampleError
     from llm.data.shards import ShardError
     from llm.data.tokenizer import TokenizerError

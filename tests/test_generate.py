@@ -12,7 +12,7 @@ from launch import ROOT, environment
 
 from llm.config.schema import ModelConfig
 from llm.data.dataset import open_windows
-from llm.generate import GenerationError, Sampling, generate
+from llm.model.generation import GenerationError, Sampling, generate
 from llm.model.gpt import GPT
 from llm.parallel.mesh import Mesh
 from llm.store.checkpoint import CheckpointError

@@ -1,5 +1,5 @@
 """The layout's promise (README, "Layout"): imports run one way, commands -> library -> kernels. The library's
-packages stand in layers (config, data, model, parallel, store, training); a module imports only from its own
+packages stand in layers (config, data, model, parallel, store, evals, training); a module imports only from its own
 package or a lower layer; the commands (the modules at the top of llm/, and the data package's own) import no other
 command; the kernels import
 nothing of llm, nothing imports tools/, and no module imports itself back through others; no function runs past
@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ["kernels", "config", "data", "model", "parallel", "store", "training"]  # lowest first
+LAYERS = ["kernels", "config", "data", "model", "parallel", "store", "evals", "training"]  # lowest first
 COMMANDS = len(LAYERS)  # the commands' layer: above every package
 
 

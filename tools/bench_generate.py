@@ -26,7 +26,7 @@ import yaml
 from _results import write_json
 
 from llm.config.schema import ModelConfig
-from llm.generate import Sampling, generate
+from llm.model.generation import Sampling, generate
 from llm.model.gpt import GPT
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -77,7 +77,7 @@ class Attention(nn.Module):
         self.sp: SequenceParallel | None = None  # set by GPT.sequence_parallel
 
     def forward(self, x, doc_ids=None, rope=None, cache=None):
-        """With `cache` (a layer of llm.generate.KVCache) the new keys and values are appended to it and the
+        """With `cache` (a layer of llm.model.generation.KVCache) the new keys and values are appended to it and the
         queries attend to everything cached so far, under its mask."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(
@@ -195,7 +195,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, doc_ids=None, cache=None, positions=None):
         """idx (B, T) token ids -> logits (B, T, vocab_size); with targets (B, T), the mean cross-entropy over the
         targets that are not IGNORE (fine-tuning's prompt and padding tokens: exactly zero loss and gradient).
-        Generation passes a KV cache (llm.generate); packed fine-tuning examples and generation pass each
+        Generation passes a KV cache (llm/model/generation.py); packed fine-tuning examples and generation pass each
         token's position (B, T). Under sequence parallelism every rank of the group passes the whole sequences
         and computes its part of them (the loss is the group's; logits only for its part)."""
         if self.sp is not None and targets is not None:

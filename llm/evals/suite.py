@@ -1,0 +1,69 @@
+"""Running lm-evaluation-harness tasks on our model (llm/evals/harness.py), offline: the shipped tasks
+(llm/evals/tasks/, built by tools/make_eval_tasks.py) and the YAMLs of an --include-path; a task whose data
+would come from the network is refused before any work, naming it and the fix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SHIPPED = Path(__file__).resolve().parent / "tasks"
+LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
+
+
+class TaskError(ValueError):
+    """Tasks that cannot run here; one line naming the task and the fix."""
+
+
+def task_manager(include: list[str] | None = None, defaults: bool = False):
+    """The harness's task index over the shipped tasks, `include` directories, and (`defaults`) its own."""
+    from lm_eval.tasks import TaskManager
+
+    for d in include or []:
+        if not Path(d).is_dir():
+            raise TaskError(f"--include-path {d}: no such directory of task YAMLs")
+    return TaskManager(include_path=[str(SHIPPED), *(include or [])], include_defaults=defaults)
+
+
+def _local(config: dict, yaml_dir: Path) -> bool:
+    if "custom_dataset" in config:
+        return True
+    path = str(config.get("dataset_path", ""))
+    if path in LOCAL_BUILDERS:
+        files = (config.get("dataset_kwargs") or {}).get("data_files") or {}
+        files = files.values() if isinstance(files, dict) else [files] if isinstance(files, str) else files
+        flat = [f for v in files for f in ([v] if isinstance(v, str) else v)]
+        return bool(flat) and all(Path(f).exists() or (yaml_dir / f).exists() for f in flat)
+    return bool(path) and (Path(path).exists() or (yaml_dir / path).exists())
+
+
+def check_offline(manager, names: list[str]) -> None:
+    """Every task known and its data on this machine; TaskError otherwise."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    index = manager.task_index
+    for name in names:
+        entry = index.get(name)
+        if entry is None:
+            shipped = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.yaml")))
+            raise TaskError(f"unknown task {name!r}; shipped: {shipped}; others come from --include-path DIR")
+        if entry.yaml_path is None or name in manager.all_groups or name in manager.all_tags:
+            raise TaskError(f"{name} is a group or a Python task: name the YAML tasks it holds instead")
+        config = load_yaml(entry.yaml_path, resolve_func=False, recursive=True)
+        if not _local(config, Path(entry.yaml_path).parent):
+            raise TaskError(
+                f"task {name} reads its data from {config.get('dataset_path')!r}, which is not on this machine, and "
+                "nothing is downloaded here: mirror the data and point a task YAML at the local files "
+                "(--include-path DIR; docs/evaluation.md)"
+            )
+
+
+def run_tasks(model, names: list[str], include: list[str] | None = None, limit: int | None = None) -> dict:
+    """The harness's results (its JSON-able dict) of `names` on `model` (a HarnessModel)."""
+    import lm_eval
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # belt and braces: checked above already
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    manager = task_manager(include)
+    check_offline(manager, names)
+    return lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager, limit=limit, log_samples=False)

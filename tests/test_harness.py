@@ -1,0 +1,170 @@
+"""Our model class for the lm-evaluation-harness (llm/evals/harness.py): the same log-likelihoods as the harness's
+own `hf` model on our HuggingFace export (both architectures), whatever the batch size; greedy generation cut
+at stop strings equals generating without the cache."""
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from llm.config.schema import ModelConfig  # noqa: E402
+from llm.data.tokenizer import Tokenizer  # noqa: E402
+from llm.evals.harness import HarnessModel  # noqa: E402
+from llm.model.gpt import GPT  # noqa: E402
+
+PARITY_ATOL = 1e-4  # the bound asked for; measured: 0.0 on CPU, both architectures, both kinds (2026-12-05)
+ARCHS = {
+    "gpt2": dict(n_layer=2, n_head=4, n_embd=32, max_seq_len=48),
+    "llama": dict(
+        n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=48, norm="rmsnorm", pos="rope", mlp="swiglu",
+        bias=False, tie_embeddings=False, mlp_multiple_of=16,
+    ),
+}  # fmt: skip
+TEXTS = [
+    ("def parse(self, text):", " return self.decode(text)"),
+    ("import os\n", "import sys"),
+    ("", "class Parser:"),
+    ("x = [1, 2, 3]\nfor i in x:\n    print(", "i)"),
+    ("a " * 30, "b c d e f g h i j k l m n o p"),  # longer than the context: cut on the left
+]
+
+
+def requests(kind: str):
+    if kind == "loglikelihood":
+        return [Instance(kind, {}, pair, i) for i, pair in enumerate(TEXTS)]
+    return [Instance(kind, {}, (c + x,), i) for i, (c, x) in enumerate(TEXTS)]
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def models(request, tokenizer_dir, tmp_path_factory):
+    """(ours, the harness's hf model on our export) of one random-weight model."""
+    from lm_eval.models.huggingface import HFLM
+
+    from llm.model.hf import write_hf
+
+    tok = Tokenizer.load(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, **ARCHS[request.param])
+    model = GPT(cfg).eval()
+    out = tmp_path_factory.mktemp("hf") / request.param
+    write_hf(cfg, {k: v.clone() for k, v in model.state_dict().items()}, tok, out)
+    hf = HFLM(pretrained=str(out), batch_size=4, device="cpu", prefix_token_id=tok.eos_id)
+    return HarnessModel(model=model, tokenizer=tok, batch_size=4), hf
+
+
+@pytest.mark.parametrize("kind", ["loglikelihood", "loglikelihood_rolling"])
+def test_log_likelihoods_equal_the_hf_backends_on_our_export(models, kind):
+    ours, hf = models
+    got, want = getattr(ours, kind)(requests(kind)), getattr(hf, kind)(requests(kind))
+    assert len(got) == len(want) == len(TEXTS)
+    for a, b in zip(got, want, strict=True):
+        a, b = (a, b) if kind == "loglikelihood_rolling" else (a[0], b[0])
+        assert b < -1.0  # a real score, not an empty one
+        assert abs(a - b) <= PARITY_ATOL, (a, b)
+    if kind == "loglikelihood":
+        assert [g for _, g in got] == [g for _, g in want]
+
+
+def test_batch_size_does_not_change_a_score(models):
+    ours, _ = models
+    one = HarnessModel(model=ours.model, tokenizer=ours.tok, batch_size=1)
+    a, b = ours.loglikelihood(requests("loglikelihood")), one.loglikelihood(requests("loglikelihood"))
+    assert all(abs(x[0] - y[0]) <= 1e-5 and x[1] == y[1] for x, y in zip(a, b, strict=True))
+
+
+def test_generation_stops_at_the_first_stop_string_and_equals_recomputation(models):
+    from llm.model.generation import Sampling, generate
+
+    ours, _ = models
+    prompt = "def parse(self, text):"
+    full = ours.generate_until([Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 20}), 0)])[0]
+    ids = ours.tok_encode(prompt)
+    plain = generate(ours.model, [ids], Sampling(max_new_tokens=20, temperature=0), ours.eot_token_id, use_cache=False)
+    tokens = plain[0][:-1] if plain[0][-1] == ours.eot_token_id else plain[0]
+    assert full == ours.tok_decode(tokens) and len(full) > 0
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    cut = ours.generate_until([Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 20}), 0)])
+    assert cut[0] == full[: full.find(stop)]
+
+
+# ---- the commands ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, prepared_dir, tokenizer_dir):
+    from helpers import make_cfg
+
+    from llm.train import train
+
+    cfg = make_cfg(tmp_path_factory.mktemp("harness"), prepared_dir, tokenizer_dir, "h", train={"max_steps": 2})
+    return train(cfg)["run_dir"]
+
+
+def test_evaluate_scores_the_shipped_tasks_offline_and_writes_the_harness_json(run_dir, tmp_path):
+    from launch import run_module
+
+    out = tmp_path / "results.json"
+    tasks = "stdlib_next_line,stdlib_docstring,stdlib_rolling"
+    r = run_module("llm.evaluate", "--checkpoint", run_dir, "--tasks", tasks, "--limit", 8, "--output", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == set(tasks.split(","))
+    assert 0 <= results["stdlib_next_line"]["acc,none"] <= 1 and results["stdlib_next_line"]["sample_len"] == 8
+    assert results["stdlib_rolling"]["bits_per_byte,none"] > 0
+    assert "stdlib_next_line: acc " in r.stdout
+
+
+def test_the_harness_command_line_runs_our_model_by_name(run_dir, tmp_path):
+    from launch import run_module
+
+    r = run_module(
+        "llm.harness", "--model", "llm-pretrain", "--model_args", f"checkpoint={run_dir}", "--tasks",
+        "stdlib_next_line", "--limit", 4, "--output_path", tmp_path / "out",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stdlib_next_line" in r.stdout and list((tmp_path / "out").rglob("results_*.json"))
+
+
+@pytest.mark.parametrize(
+    "yaml, message",
+    [
+        (
+            "task: hub_task\ndataset_path: Rowan/hellaswag\noutput_type: multiple_choice\ntest_split: test\n"
+            "doc_to_text: '{{ctx}}'\ndoc_to_choice: '{{endings}}'\ndoc_to_target: label\n",
+            "error: task hub_task reads its data from 'Rowan/hellaswag', which is not on this machine, and nothing is "
+            "downloaded here",
+        ),
+        (None, "error: unknown task 'no_such_task'; shipped: stdlib_docstring, stdlib_next_line, stdlib_rolling"),
+    ],
+    ids=["hub", "unknown"],
+)
+def test_a_task_that_cannot_run_offline_is_refused_in_one_line_before_the_model_loads(tmp_path, yaml, message):
+    from launch import run_module
+
+    (tmp_path / "tasks").mkdir()
+    if yaml:
+        (tmp_path / "tasks" / "hub.yaml").write_text(yaml)
+    name = "hub_task" if yaml else "no_such_task"
+    missing = tmp_path / "no-checkpoint-here"  # never read: the tasks are checked first
+    r = run_module("llm.evaluate", "--checkpoint", missing, "--tasks", name, "--include-path", tmp_path / "tasks")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(message), r.stderr[-2000:]
+
+
+def test_bench_harness_smoke(run_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from launch import ROOT, environment
+
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "tools/bench_harness.py", "--checkpoint", run_dir, "--limit", "4", "--out", out]
+    r = subprocess.run(
+        [*map(str, cmd), "--tasks", "stdlib_next_line"], capture_output=True, text=True, cwd=ROOT, env=environment()
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["requests"] == 16 and result["ours_over_hf"] > 0  # 4 questions x 4 choices, scored alike by both
+    assert set(result["scores"]) == {"checkpoint", "random_init"}

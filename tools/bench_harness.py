@@ -1,0 +1,110 @@
+"""Benchmark and measure the evaluation harness on a checkpoint: our model class against the harness's `hf`
+model on our export of the same weights (requests per second, same run, same tasks; their scores must agree),
+and the checkpoint's task scores against the same model with random weights (the baseline).
+
+    python tools/bench_harness.py --checkpoint runs/demo            # writes tools/results/bench_harness_cpu.json
+    python tools/bench_harness.py --checkpoint runs/demo --limit 20 --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+import torch
+from _results import write_json
+from bench_data import cpu_name
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ["stdlib_next_line", "stdlib_docstring", "stdlib_rolling"]
+
+
+def scores(result: dict) -> dict:
+    return {
+        task: {k.split(",")[0]: round(v, 4) for k, v in m.items() if isinstance(v, float) and "stderr" not in k}
+        for task, m in result["results"].items()
+    }
+
+
+def timed(model, tasks: list[str], limit: int | None) -> tuple[dict, float, int]:
+    """(scores, seconds, requests) of one evaluation."""
+    from llm.evals.suite import run_tasks
+
+    calls = {"n": 0}
+    for kind in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        original = getattr(model, kind)
+
+        def counted(requests, *a, _original=original, **k):
+            calls["n"] += len(requests)
+            return _original(requests, *a, **k)
+
+        setattr(model, kind, counted)
+    t0 = time.perf_counter()
+    result = run_tasks(model, tasks, limit=limit)
+    return scores(result), time.perf_counter() - t0, calls["n"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="runs/demo")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--smoke", action="store_true", help="our model only, no hf comparison")
+    p.add_argument("--out", default=str(ROOT / "tools/results/bench_harness_cpu.json"))
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    from llm.evals.harness import HarnessModel
+    from llm.model.gpt import GPT
+    from llm.store.weights import load_weights
+
+    tasks = args.tasks.split(",")
+    cfg, weights, tok, _ = load_weights(args.checkpoint)
+    ours = HarnessModel(checkpoint=args.checkpoint, batch_size=args.batch_size, device="cpu")
+    trained, ours_s, n = timed(ours, tasks, args.limit)
+    torch.manual_seed(0)
+    baseline = HarnessModel(model=GPT(cfg.model), tokenizer=tok, batch_size=args.batch_size, device="cpu")
+    random_init = timed(baseline, tasks, args.limit)[0]
+    result = {
+        "machine": {"cpu": cpu_name(), "threads": 1, "torch": torch.__version__},
+        "date": time.strftime("%Y-%m-%d"),
+        "checkpoint": str(args.checkpoint),
+        "limit": args.limit,
+        "requests": n,
+        "scores": {"checkpoint": trained, "random_init": random_init},
+        "ours": {"seconds": round(ours_s, 2), "requests_per_s": round(n / ours_s, 1)},
+    }
+    if not args.smoke:
+        from lm_eval.models.huggingface import HFLM
+
+        from llm.model.hf import write_hf
+
+        with tempfile.TemporaryDirectory() as tmp:
+            write_hf(cfg.model, weights, tok, Path(tmp) / "hf")
+            hf = HFLM(
+                pretrained=str(Path(tmp) / "hf"), batch_size=args.batch_size, device="cpu", prefix_token_id=tok.eos_id
+            )
+            hf_scores, hf_s, hf_n = timed(hf, tasks, args.limit)
+        if hf_scores != trained or hf_n != n:
+            raise SystemExit(f"error: the hf model scored differently: {hf_scores} vs ours {trained}")
+        result["hf"] = {"seconds": round(hf_s, 2), "requests_per_s": round(hf_n / hf_s, 1)}
+        result["ours_over_hf"] = round(hf_s / ours_s, 2)
+    for name, s in result["scores"].items():
+        print(f"{name}: {s}")
+    speed = f"ours {result['ours']['requests_per_s']} requests/s"
+    if "hf" in result:
+        speed += f", hf {result['hf']['requests_per_s']} requests/s: {result['ours_over_hf']}x"
+    print(f"{n} requests; {speed} (one thread, {cpu_name()})")
+    write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
