@@ -318,6 +318,14 @@ def follow(cluster, args, timeout=300, module="llm.data.clean") -> tuple[list[st
     raise TimeoutError(f"{module} did not finish in {timeout} s: {states}")
 
 
+def queue_empties(cluster, timeout: float = 180) -> None:
+    """Wait until no job is left in the queue (finished, failed or cancelled); fail after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while run("squeue", "-h", env=cluster.env).stdout.strip():
+        assert time.time() < deadline, run("squeue", env=cluster.env).stdout
+        time.sleep(1)
+
+
 def output_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
@@ -357,10 +365,7 @@ def test_a_failed_stage_on_slurm_cancels_the_later_ones_and_the_rerun_finishes_i
     args = ["--input", raw, "--output", tmp_path / "out", "--tasks", 2, "--slurm", "--time", "5"]
     r = clean_command(cluster, *args)
     assert r.returncode == 0 and r.stdout.startswith("submitted"), r.stdout + r.stderr[-2000:]
-    deadline = time.time() + 180
-    while run("squeue", "-h", env=cluster.env).stdout.strip():  # the later stages must not pend forever
-        assert time.time() < deadline, run("squeue", env=cluster.env).stdout
-        time.sleep(1)
+    queue_empties(cluster)  # the later stages must not pend forever
     logs = work / "logs"
     assert len(list((logs / "filter" / "completions").iterdir())) == 2  # the stage before the failure finished
     assert not (logs / "dedup" / "completions").exists() and not (work / "summary.json").exists()
@@ -439,10 +444,7 @@ def test_a_failed_encode_task_cancels_the_shards_job_and_the_rerun_runs_only_tha
     (encoded / "00001.tokens").mkdir(parents=True)  # task 1 cannot write its tokens
     r = data_command(cluster, "llm.data.prepare_data", *args)
     assert r.returncode == 0 and r.stdout.startswith("submitted"), r.stdout + r.stderr[-2000:]
-    deadline = time.time() + 180
-    while run("squeue", "-h", env=cluster.env).stdout.strip():  # the shards job must not pend forever
-        assert time.time() < deadline, run("squeue", env=cluster.env).stdout
-        time.sleep(1)
+    queue_empties(cluster)  # the shards job must not pend forever
     done = {p.name: p.stat().st_mtime_ns for p in encoded.glob("*.npz")}
     assert sorted(done) == ["00000.npz", "00002.npz"] and not (tmp_path / "data").exists()
     (encoded / "00001.tokens").rmdir()  # the cause fixed: the same command takes it from there
