@@ -48,8 +48,11 @@ def gpu_peak(name: str) -> tuple[float, str] | None:
 
 
 def measure_matmul_flops(n: int = 1024, repeats: int = 5, trials: int = 5) -> float:
-    """The best of `trials` timings of a fp32 n x n matmul (a CPU has no spec sheet peak to quote)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    """The best of `trials` timings of a fp32 n x n matmul (a CPU has no spec sheet peak to quote). Its inputs come
+    from a generator of its own: drawing from the run's would change its dropout after a resume, which measures
+    again at other steps than the uninterrupted run."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     a @ b
     best = float("inf")
     for _ in range(trials):
