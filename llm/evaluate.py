@@ -3,6 +3,8 @@
     python -m llm.evaluate --checkpoint runs/demo                      # the run's own val split
     python -m llm.evaluate --checkpoint runs/demo --data data/other --max-windows 256 --output eval.json
     torchrun --nproc_per_node=4 -m llm.evaluate --checkpoint runs/gpt2  # the same numbers, 4x sooner
+    python -m llm.evaluate --checkpoint runs/demo --tasks stdlib_next_line,stdlib_rolling --limit 50  # downstream
+    python -m llm.evaluate --plot runs/demo           # the run's task scores and val loss over its steps
 
 For each prepared dataset: the mean loss (nats per token) over every target token of the split's windows (in
 order, document-masked as in training), its perplexity, and bits per byte: the summed loss in bits over the
@@ -150,9 +152,7 @@ def classify(model, cfg, tok: Tokenizer, data: list[str] | None, seq_len: int | 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llm.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--checkpoint", required=True, help="a run directory, its checkpoints/, a step_* directory or hf:DIR"
-    )
+    p.add_argument("--checkpoint", help="a run directory, its checkpoints/, a step_* directory or hf:DIR")
     p.add_argument(
         "--data",
         action="append",
@@ -178,7 +178,21 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--tasks", default=None, help="NAME[,NAME]: score these tasks instead of the held-out loss")
     h.add_argument("--include-path", action="append", help="a directory of task YAMLs besides the shipped ones")
     h.add_argument("--limit", type=int, default=None, help="at most N examples per task")
+    h.add_argument(
+        "--plot", metavar="RUN", help="draw RUN's task scores and val loss over its steps (RUN/evals/scores.png)"
+    )
     return p
+
+
+def _plot(run: str) -> int:
+    from llm.training.scores_plot import plot_scores
+
+    try:
+        print(f"wrote {plot_scores(run)}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _tasks(args) -> int:
@@ -190,16 +204,27 @@ def _tasks(args) -> int:
         print("error: --tasks needs the eval extra: pip install 'llm-pretrain[eval]' (lm-eval)", file=sys.stderr)
         return 2
     from llm.evals.suite import check_offline
+    from llm.parallel import distributed as D
     from llm.store.checkpoint import CheckpointError
+    from llm.store.weights import parse_device
 
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    env = D.detect()
     try:
         check_offline(task_manager(args.include_path), names)  # before the model is loaded
-        model = HarnessModel(checkpoint=args.checkpoint, batch_size=args.batch_size, device=args.device)
+        device = parse_device(args.device, env.local_rank)
+        if env.world_size > 1:  # the requests dealt to the ranks (llm/evals/harness.py)
+            D.init(env)
+        model = HarnessModel(checkpoint=args.checkpoint, batch_size=args.batch_size, device=device)
         result = run_tasks(model, names, args.include_path, args.limit)
-    except (TaskError, CheckpointError, OSError) as e:
+    except (TaskError, ValueError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if env.world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if env.rank != 0:
+        return 0
     for task, metrics in result["results"].items():
         shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"{task}: {shown} ({metrics.get('sample_len', '?')} examples)")
@@ -246,6 +271,10 @@ def main(argv: list[str] | None = None) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.plot is not None:
+        sys.exit(_plot(args.plot))
+    if args.checkpoint is None:
+        p.error("the following arguments are required: --checkpoint (or --plot RUN)")
     if args.tasks is not None:
         sys.exit(_tasks(args))
     from llm.data.examples import ExampleError

@@ -103,6 +103,10 @@ def test_bf16_without_zero_is_autocast_and_under_zero_deepspeed_bf16(stage):
         (["train.global_batch=12", "train.micro_batch=8"], "train.global_batch: 12 is not divisible"),
         (["deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer: needs deepspeed.stage 2 or 3"),
         (["data.weights=[0.5,0.5]"], "data.weights: needs one weight per data.paths entry"),
+        (
+            ["task=classify", "finetune.init_from=runs/demo", "finetune.train_file=t.jsonl", "train.eval_tasks=[a]"],
+            "train.eval_tasks: task=classify has no language-model head",
+        ),
     ],
 )
 def test_invalid_values_fail_naming_the_field(overrides, field):
@@ -194,6 +198,9 @@ BAD_VALUES = {
     "train.max_steps": (0, "train.max_steps: 0 must be at least 1"),
     "train.eval_every": (-1, "train.eval_every: -1 must be at least 0"),
     "train.eval_batches": (0, "train.eval_batches: 0 must be at least 1"),
+    "train.eval_tasks": (["stdlib_rolling", "stdlib_rolling"], "train.eval_tasks: 'stdlib_rolling' is named twice"),
+    "train.eval_task_limit": (0, "train.eval_task_limit: 0 must be at least 1"),
+    "train.eval_task_paths": ([" "], "train.eval_task_paths: has an empty entry"),
     "train.ckpt_every_steps": (-5, "train.ckpt_every_steps: -5 must be at least 0"),
     "train.ckpt_every_minutes": (-1.0, "train.ckpt_every_minutes: -1.0 must be a finite number >= 0"),
     "train.keep_last": (0, "train.keep_last: 0 must be at least 1"),

@@ -89,6 +89,17 @@ def test_generation_stops_at_the_first_stop_string_and_equals_recomputation(mode
     assert cut[0] == full[: full.find(stop)]
 
 
+def test_generation_in_batches_equals_one_request_at_a_time(models):
+    ours, _ = models
+    one = HarnessModel(model=ours.model, tokenizer=ours.tok, batch_size=1)
+    settings = [{"until": ["\n"], "max_gen_toks": 12}, {"until": [")", "\n"], "max_gen_toks": 12}, {"max_gen_toks": 6}]
+    reqs = [
+        Instance("generate_until", {}, (c + x[: len(x) // 2], settings[i % 3]), i) for i, (c, x) in enumerate(TEXTS)
+    ] * 2  # prompts of different lengths, in groups of the same settings
+    got = ours.generate_until(reqs)
+    assert got == one.generate_until(reqs) and any(got)
+
+
 # ---- the commands ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, prepared_dir, tokenizer_dir):
@@ -100,20 +111,27 @@ def run_dir(tmp_path_factory, prepared_dir, tokenizer_dir):
     return train(cfg)["run_dir"]
 
 
-def test_evaluate_scores_the_shipped_tasks_offline_and_writes_the_harness_json(run_dir, tmp_path):
-    from launch import run_module
-
-    out = tmp_path / "results.json"
-    tasks = "stdlib_next_line,stdlib_docstring,stdlib_rolling"
-    r = run_module("llm.evaluate", "--checkpoint", run_dir, "--tasks", tasks, "--limit", 8, "--output", out)
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_evaluate_scores_the_shipped_tasks_offline_the_same_on_two_ranks(run_dir, tmp_path):
     import json
+    import subprocess
+    import sys
 
-    results = json.loads(out.read_text())["results"]
-    assert set(results) == set(tasks.split(","))
-    assert 0 <= results["stdlib_next_line"]["acc,none"] <= 1 and results["stdlib_next_line"]["sample_len"] == 8
-    assert results["stdlib_rolling"]["bits_per_byte,none"] > 0
+    from launch import ROOT, environment, free_port, run_module
+
+    tasks = "stdlib_next_line,stdlib_docstring,stdlib_completion,stdlib_rolling"
+    args = ["--checkpoint", str(run_dir), "--tasks", tasks, "--limit", "7"]  # 7: unequal shares of 2 ranks
+    r = run_module("llm.evaluate", *args, "--output", tmp_path / "one.json")
+    assert r.returncode == 0, r.stderr[-3000:]
     assert "stdlib_next_line: acc " in r.stdout
+    results = json.loads((tmp_path / "one.json").read_text())["results"]
+    assert set(results) == set(tasks.split(","))
+    assert 0 <= results["stdlib_next_line"]["acc,none"] <= 1 and results["stdlib_next_line"]["sample_len"] == 7
+    assert results["stdlib_rolling"]["bits_per_byte,none"] > 0 and "exact_match,none" in results["stdlib_completion"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    cmd = [*torchrun, "-m", "llm.evaluate", *args, "--output", str(tmp_path / "two.json")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=environment(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "two.json").read_text())["results"] == results  # bitwise
 
 
 def test_the_harness_command_line_runs_our_model_by_name(run_dir, tmp_path):
@@ -136,7 +154,11 @@ def test_the_harness_command_line_runs_our_model_by_name(run_dir, tmp_path):
             "error: task hub_task reads its data from 'Rowan/hellaswag', which is not on this machine, and nothing is "
             "downloaded here",
         ),
-        (None, "error: unknown task 'no_such_task'; shipped: stdlib_docstring, stdlib_next_line, stdlib_rolling"),
+        (
+            None,
+            "error: unknown task 'no_such_task'; shipped: stdlib_completion, stdlib_docstring, stdlib_next_line, "
+            "stdlib_rolling; others come from a directory of task YAMLs",
+        ),
     ],
     ids=["hub", "unknown"],
 )
@@ -168,3 +190,24 @@ def test_bench_harness_smoke(run_dir, tmp_path):
     result = json.loads(out.read_text())
     assert result["requests"] == 16 and result["ours_over_hf"] > 0  # 4 questions x 4 choices, scored alike by both
     assert set(result["scores"]) == {"checkpoint", "random_init"}
+
+
+def test_bench_harness_in_loop_smoke(tmp_path, prepared_dir, tokenizer_dir):
+    import json
+    import subprocess
+    import sys
+
+    from launch import ROOT, environment
+
+    out = tmp_path / "bench_harness_cpu.json"
+    settings = [
+        f"data.paths=[{prepared_dir}]", f"data.tokenizer={tokenizer_dir}", "data.prepare_if_missing=false",
+        "data.seq_len=32", "model.n_layer=2", "model.n_embd=32", "model.max_seq_len=64", "train.micro_batch=4",
+        "train.global_batch=8", "train.max_steps=4", "train.eval_every=2", "train.sample_tokens=0",
+    ]  # fmt: skip
+    cmd = [sys.executable, "tools/bench_harness.py", "--in-loop", "--limit", "2", "--out", str(out), *settings]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=environment())
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_harness_in_loop_cpu.json").read_text())
+    assert result["evaluations"] == 2 and 0 < result["tasks_s"] < result["wall_s"] and 0 < result["share"] < 1
+    assert result["last_scores"]["eval/stdlib_next_line/acc"] in (0.0, 0.5, 1.0)

@@ -4,6 +4,11 @@ and the checkpoint's task scores against the same model with random weights (the
 
     python tools/bench_harness.py --checkpoint runs/demo            # writes tools/results/bench_harness_cpu.json
     python tools/bench_harness.py --checkpoint runs/demo --limit 20 --smoke
+    python tools/bench_harness.py --in-loop    # the demo run with the tasks on: their share of its time
+
+--in-loop trains the demo (`python -m llm.train`, its own run directory) with `train.eval_tasks` set to the
+shipped tasks and reports the time they took (eval/tasks_s, summed over its evaluations) against the whole
+process's wall time (tools/results/bench_harness_in_loop_cpu.json).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from _results import write_json
 from bench_data import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
-TASKS = ["stdlib_next_line", "stdlib_docstring", "stdlib_rolling"]
+TASKS = ["stdlib_next_line", "stdlib_docstring", "stdlib_completion", "stdlib_rolling"]
 
 
 def scores(result: dict) -> dict:
@@ -57,6 +62,43 @@ def timed(model, tasks: list[str], limit: int | None) -> tuple[dict, float, int]
     return scores(result), time.perf_counter() - t0, calls["n"]
 
 
+def in_loop(args) -> int:
+    """The demo run with the tasks on; their share of its wall time."""
+    import json
+    import subprocess
+
+    from llm.training.metrics import read_history
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            sys.executable, "-m", "llm.train", f"runs_dir={tmp}", "logger=none", f"train.eval_tasks=[{args.tasks}]",
+            f"train.eval_task_limit={args.limit or 100}", *args.overrides,
+        ]  # fmt: skip
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise SystemExit(f"error: the run failed:\n{r.stderr[-3000:]}")
+        history = read_history(next(Path(tmp).glob("*/metrics.jsonl")))
+    evaluations = [rec for rec in history if "eval/tasks_s" in rec]
+    tasks_s = sum(rec["eval/tasks_s"] for rec in evaluations)
+    result = {
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(cmd[1:]).replace(tmp, "TMP"),
+        "evaluations": len(evaluations),
+        "tasks_s": round(tasks_s, 1),
+        "wall_s": round(wall, 1),
+        "share": round(tasks_s / wall, 4),
+        "last_scores": {k: v for k, v in evaluations[-1].items() if k.startswith("eval/") and k.count("/") == 2}
+        if evaluations
+        else {},
+    }
+    print(json.dumps(result, indent=2))
+    write_json(args.out.replace("bench_harness_cpu", "bench_harness_in_loop_cpu"), result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/demo")
@@ -65,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--smoke", action="store_true", help="our model only, no hf comparison")
     p.add_argument("--out", default=str(ROOT / "tools/results/bench_harness_cpu.json"))
+    p.add_argument("--in-loop", action="store_true", help="the demo run with the tasks on (their share of it)")
+    p.add_argument("overrides", nargs="*", help="--in-loop: settings for the run (e.g. train.max_steps=4)")
     args = p.parse_args(argv)
+    if args.in_loop:
+        return in_loop(args)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)

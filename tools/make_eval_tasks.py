@@ -9,6 +9,8 @@ the test suites out (llm/data/corpus.py: stdlib_files), and present wherever CPy
   other modules with the same indentation, so that indentation does not give it away); accuracy.
 - stdlib_docstring: a test function's `def` line and the opening quotes, then its docstring among four
   docstrings of other functions; accuracy and length-normalised accuracy.
+- stdlib_completion: eight lines of a test module and the start of the next, to be completed by greedy
+  generation up to the end of the line; exact match.
 - stdlib_rolling: whole test modules (their first 4,000 characters), scored as rolling log-likelihood: word and
   byte perplexity and bits per byte.
 """
@@ -87,6 +89,22 @@ def docstrings(files: list[Path], n: int, rng: random.Random) -> list[dict]:
     return rows
 
 
+def completion(files: list[Path], n: int, rng: random.Random) -> list[dict]:
+    rows = []
+    while len(rows) < n:
+        f = rng.choice(files)
+        ls = f.read_text(encoding="utf-8", errors="replace").splitlines()
+        if len(ls) < 20:
+            continue
+        i = rng.randrange(8, len(ls) - 1)
+        line = ls[i]
+        if not _candidate(line) or len(line.strip()) < 20:
+            continue
+        cut = rng.randrange(len(line) * 2 // 3, len(line) - 3)  # the last third: 4 or more characters to write
+        rows.append({"context": "\n".join(ls[i - 8 : i]) + "\n" + line[:cut], "target": line[cut:]})
+    return rows
+
+
 def rolling(files: list[Path], n: int, rng: random.Random) -> list[dict]:
     return [{"text": f.read_text(encoding="utf-8", errors="replace")[:4000]} for f in rng.sample(files, n)]
 
@@ -101,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = {
         "stdlib_next_line": next_line(files, args.n, random.Random(SEED)),
         "stdlib_docstring": docstrings(files, args.n, random.Random(SEED + 1)),
+        "stdlib_completion": completion(files, args.n, random.Random(SEED + 3)),
         "stdlib_rolling": rolling(files, max(1, args.n // 5), random.Random(SEED + 2)),
     }
     for name, rows in tasks.items():

@@ -60,6 +60,15 @@ def _path_list(v: list) -> str | None:
     return None if all(s.strip() for s in v) else "has an empty entry"
 
 
+def _entries(v: list) -> str | None:  # a list that may be empty
+    return None if all(s.strip() for s in v) else "has an empty entry"
+
+
+def _task_names(v: list) -> str | None:
+    twice = sorted({n for n in v if v.count(n) > 1})
+    return _entries(v) or (f"{twice[0]!r} is named twice" if twice else None)
+
+
 def _weights(v: list) -> str | None:
     bad = [w for w in v if not (w > 0 and math.isfinite(w))]
     return f"{bad[0]} is not a positive weight" if bad else None
@@ -207,6 +216,11 @@ class TrainConfig:
     max_steps: int = setting(300, _at_least(1))
     eval_every: int = setting(100, _at_least(0))  # 0 disables periodic evaluation (one still runs at the end)
     eval_batches: int = setting(8, _at_least(1))
+    # downstream tasks scored at every evaluation, on all ranks (lm-evaluation-harness YAMLs over local data: the
+    # shipped stdlib_* tasks, or those in eval_task_paths), logged as eval/<task>/<metric> (docs/evaluation.md)
+    eval_tasks: list[str] = setting(rule=_task_names, factory=list)
+    eval_task_limit: int | None = setting(100, _optional(_at_least(1)))  # examples per task (null: all)
+    eval_task_paths: list[str] = setting(rule=_entries, factory=list)  # directories of task YAMLs
     ckpt_every_steps: int = setting(100, _at_least(0))  # 0 disables step-based checkpoints
     ckpt_every_minutes: float = setting(0.0, _non_negative)  # 0 disables time-based checkpoints
     keep_last: int = setting(3, _at_least(1))
@@ -365,6 +379,11 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool = False) -> None:
     _need(not d.offload_optimizer or d.stage >= 2, "deepspeed.offload_optimizer", "needs deepspeed.stage 2 or 3")
     _need(not d.offload_param or d.stage == 3, "deepspeed.offload_param", "needs deepspeed.stage 3")
     f, lora = cfg.finetune, cfg.lora
+    _need(
+        not (t.eval_tasks and cfg.task == "classify"),
+        "train.eval_tasks",
+        "task=classify has no language-model head to score tasks with; leave train.eval_tasks empty",
+    )
     if cfg.task == "pretrain":
         _need(lora.rank == 0, "lora.rank", "LoRA adapters are for fine-tuning (python -m llm.finetune, task=sft)")
     else:

@@ -1,6 +1,12 @@
 """Running lm-evaluation-harness tasks on our model (llm/evals/harness.py), offline: the shipped tasks
 (llm/evals/tasks/, built by tools/make_eval_tasks.py) and the YAMLs of an --include-path; a task whose data
-would come from the network is refused before any work, naming it and the fix."""
+would come from the network is refused before any work, naming it and the fix.
+
+    run_tasks(model, names, include, limit)      # once, as the harness's CLI does (its full results JSON)
+    tasks = load_tasks(names, include)            # during training: the tasks loaded once,
+    results = score_tasks(model, tasks, limit)    # then scored at every evaluation
+    metrics(results)                              # {"eval/<task>/<metric>": value}
+"""
 
 from __future__ import annotations
 
@@ -46,7 +52,10 @@ def check_offline(manager, names: list[str]) -> None:
         entry = index.get(name)
         if entry is None:
             shipped = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.yaml")))
-            raise TaskError(f"unknown task {name!r}; shipped: {shipped}; others come from --include-path DIR")
+            raise TaskError(
+                f"unknown task {name!r}; shipped: {shipped}; others come from a directory of task YAMLs "
+                "(--include-path DIR, train.eval_task_paths)"
+            )
         if entry.yaml_path is None or name in manager.all_groups or name in manager.all_tags:
             raise TaskError(f"{name} is a group or a Python task: name the YAML tasks it holds instead")
         config = load_yaml(entry.yaml_path, resolve_func=False, recursive=True)
@@ -54,7 +63,7 @@ def check_offline(manager, names: list[str]) -> None:
             raise TaskError(
                 f"task {name} reads its data from {config.get('dataset_path')!r}, which is not on this machine, and "
                 "nothing is downloaded here: mirror the data and point a task YAML at the local files "
-                "(--include-path DIR; docs/evaluation.md)"
+                "(--include-path DIR or train.eval_task_paths; docs/evaluation.md)"
             )
 
 
@@ -67,3 +76,46 @@ def run_tasks(model, names: list[str], include: list[str] | None = None, limit: 
     manager = task_manager(include)
     check_offline(manager, names)
     return lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager, limit=limit, log_samples=False)
+
+
+FEWSHOT_SEED = 1234  # the harness's default seed for drawing few-shot examples
+
+
+def load_tasks(names: list[str], include: list[str] | None = None) -> dict:
+    """The harness's task objects of `names` (checked offline first), set up as its CLI sets them up: zero-shot
+    unless a task's YAML says otherwise, few-shot examples drawn with the harness's default seed."""
+    manager = task_manager(include)
+    check_offline(manager, names)
+    loaded = manager.load(names)
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+    return loaded
+
+
+def output_types(tasks: dict) -> set[str]:
+    return {task.get_config("output_type") for task in tasks["tasks"].values()}
+
+
+def score_tasks(model, tasks: dict, limit: int | None) -> dict:
+    """The harness's results of loaded `tasks` on `model` (no standard errors: they would cost a bootstrap). The
+    few-shot samplers are seeded again first: every evaluation draws the same examples, as a fresh load would."""
+    from lm_eval.evaluator import evaluate
+
+    for task in tasks["tasks"].values():
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+    return evaluate(lm=model, task_dict=tasks, limit=limit, bootstrap_iters=0, log_samples=False)
+
+
+def metrics(results: dict) -> dict[str, float]:
+    """Each task's metrics as `eval/<task>/<metric>` (a filter other than none appended: `<metric>_<filter>`)."""
+    out = {}
+    for task, values in results["results"].items():
+        for key, value in values.items():
+            if "," not in key or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            metric, filtered = key.split(",", 1)
+            if not metric.endswith("_stderr"):
+                out[f"eval/{task}/{metric if filtered == 'none' else f'{metric}_{filtered}'}"] = float(value)
+    return out

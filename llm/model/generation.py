@@ -10,6 +10,7 @@ against, and the baseline of tools/bench_generate.py). Temperature 0 is greedy d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -129,10 +130,16 @@ def _forward(model: GPT, cache: KVCache, ids, real, positions) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(
-    model: GPT, prompts: list[list[int]], s: Sampling, eos_id: int | None = None, use_cache: bool = True
+    model: GPT,
+    prompts: list[list[int]],
+    s: Sampling,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """The new tokens for each prompt (token ids), up to s.max_new_tokens, ending at EOS (included) when
-    s.stop_at_eos. Deterministic for a given seed."""
+    s.stop_at_eos, or at the token after which `stop(new tokens)` holds (a stop string appeared: included).
+    Generation ends when every row has ended. Deterministic for a given seed."""
     s.check()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError("every prompt needs at least one token")
@@ -150,6 +157,7 @@ def generate(
     B = len(prompts)
     out = torch.empty((B, 0), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    ended = [None] * B  # each row's length once it has ended
     cache = KVCache(model, B, ids.size(1) + s.max_new_tokens, dtype, device) if use_cache else None
     for step in range(s.max_new_tokens):
         if use_cache:
@@ -169,13 +177,15 @@ def generate(
         if eos_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         out = torch.cat([out, nxt[:, None]], dim=1)
+        now = done.clone()
         if eos_id is not None and s.stop_at_eos:
-            done |= nxt == eos_id
-            if bool(done.all()):
-                break
-    result = []
-    for row in out.tolist():
-        if eos_id is not None and s.stop_at_eos and eos_id in row:
-            row = row[: row.index(eos_id) + 1]
-        result.append(row)
-    return result
+            now |= nxt == eos_id
+        if stop is not None:
+            rows = out.tolist()
+            now |= torch.tensor([not d and stop(r) for d, r in zip(done.tolist(), rows, strict=True)], device=device)
+        for i in torch.nonzero(now & ~done).flatten().tolist():
+            ended[i] = step + 1
+        done = now
+        if bool(done.all()):
+            break
+    return [row if n is None else row[:n] for row, n in zip(out.tolist(), ended, strict=True)]

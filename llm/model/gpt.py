@@ -7,6 +7,7 @@ the fused Triton kernels on CUDA and the PyTorch references elsewhere. This file
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -208,6 +209,17 @@ class GPT(nn.Module):
         for module in (*(b.attn for b in self.blocks), self.lm_head):
             module.sp = sp
 
+    @contextlib.contextmanager
+    def whole_sequences(self):
+        """Each rank computes whole sequences inside (generation, downstream tasks); sequence parallelism, if on,
+        is restored after."""
+        sp = self.sp
+        self.sequence_parallel(None)
+        try:
+            yield self
+        finally:
+            self.sequence_parallel(sp)
+
     def hidden(self, idx, doc_ids=None, cache=None, positions=None):
         """The final normed hidden states (B, T, n_embd): what the head (or a classifier) reads."""
         sp = self.sp if cache is None else None
@@ -276,12 +288,8 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Sample continuations of idx (B, T); the context is cropped to max_seq_len. One process: without
         sequence parallelism (restored after)."""
-        sp = self.sp
-        self.sequence_parallel(None)
-        try:
+        with self.whole_sequences():
             return self._generate(idx, max_new_tokens, temperature, top_k, generator)
-        finally:
-            self.sequence_parallel(sp)
 
     def _generate(self, idx, max_new_tokens, temperature, top_k, generator) -> torch.Tensor:
         for _ in range(max_new_tokens):

@@ -131,6 +131,23 @@ def on_rank0(fn, errors: tuple[type[BaseException], ...]) -> None:
         raise error[0]
 
 
+def on_every_rank(fn, errors: tuple[type[BaseException], ...]) -> None:
+    """Run fn on every rank; an error of the given types on any rank (the first by rank) is raised on all, so
+    that a file missing on one node stops every rank alike."""
+    dist = torch.distributed
+    error = None
+    try:
+        fn()
+    except errors as e:
+        error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, error, group=_solo_group)
+        error = next((e for e in found if e is not None), None)
+    if error is not None:
+        raise error
+
+
 def resolve_precision(requested: str) -> str:
     if requested != "auto":
         return requested

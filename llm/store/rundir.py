@@ -89,6 +89,7 @@ PATH_SETTINGS = ("data.tokenizer", "finetune.init_from", "finetune.train_file", 
 def resolve_paths(cfg: Config, origin: Origin, run_dir: Path) -> None:
     """Make the run's path settings absolute against its origin (in place)."""
     cfg.data.paths = [origin.resolve(p, run_dir) for p in cfg.data.paths]
+    cfg.train.eval_task_paths = [origin.resolve(p, run_dir) for p in cfg.train.eval_task_paths]
     for name in PATH_SETTINGS:
         section, key = name.split(".")
         value = getattr(getattr(cfg, section), key)

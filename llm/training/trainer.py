@@ -38,6 +38,7 @@ from llm.store.checkpoint import CheckpointError, Checkpoints, check_checkpoint,
 from llm.store.record import RunRecord, RunState
 from llm.store.rundir import Origin, keep_tokenizer, resolve_paths
 from llm.store.storage import StorageError, check_writable, checkpoint_bytes, explain, storage_error
+from llm.training.downstream import DownstreamTasks
 from llm.training.faults import NonFiniteGuard, StopSignal, TrainingStopped, weights_finite
 from llm.training.metrics import DevicePeak, MetricsLogger
 from llm.training.optim import build_optimizer, grad_norm_of, lr_at
@@ -160,6 +161,9 @@ class Trainer:
         bad_input = (*BAD_INPUT, OSError)
         D.on_rank0(self.task.prepare, bad_input)
         self.tok = self.task.setup()
+        self.downstream = DownstreamTasks(self.cfg, self.run_dir) if self.cfg.train.eval_tasks else None
+        if self.downstream is not None:
+            D.on_every_rank(self.downstream.check, (ConfigError,))  # each rank reads the tasks' files itself
 
         def record() -> None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +271,8 @@ class Trainer:
     def run(self) -> dict:
         """Train from the state's step to the last step of this launch; return the summary."""
         self.interval.reset()
-        self.checkpointer.last_save = time.time()  # train.ckpt_every_minutes counts from the first step
+        self.started = time.time()
+        self.checkpointer.last_save = self.started  # train.ckpt_every_minutes counts from the first step
         try:
             for step in range(self.state.step, self.last_step):
                 self.where.update(phase="a training step", step=step + 1)
@@ -280,6 +285,7 @@ class Trainer:
                 if self.checkpoint_or_stop(decision):
                     break
             self.final_sample()
+            self.report_downstream()
         finally:
             self.log.close()
         return self.summary()
@@ -351,11 +357,43 @@ class Trainer:
     def maybe_evaluate(self) -> None:
         t, done = self.cfg.train, self.state.step
         if (t.eval_every and done % t.eval_every == 0) or done == t.max_steps:
-            self.where["phase"] = "evaluation"
-            metrics = self.task.evaluate(self.engine, self.device, final=done == t.max_steps)
-            if metrics is not None:
-                self.val_loss = metrics["val/loss"]
-                self.log.log(done, metrics)
+            t0 = time.time()
+            self.evaluate(done)
+            self.interval.t0 += time.time() - t0  # the next record's throughput counts training alone
+
+    def evaluate(self, done: int) -> None:
+        """The task's own evaluation (val loss, a classifier's metrics) and the downstream tasks: one record."""
+        self.where["phase"] = "evaluation"
+        metrics = self.task.evaluate(self.engine, self.device, final=done == self.cfg.train.max_steps) or {}
+        self.val_loss = metrics.get("val/loss", self.val_loss)
+        if self.downstream is not None:
+            self.where["phase"] = "downstream tasks"
+            precision = D.forward_precision(self.cfg, self.device)
+            scores = self.downstream.score(
+                self.engine, self.tok, self.device, precision, done, self.state.tokens_seen, self.env.rank
+            )
+            shown = " ".join(f"{k[len('eval/') :]}={v:.4g}" for k, v in scores.items() if k != "eval/tasks_s")
+            self.log.print(f"step {done}: {shown} ({scores['eval/tasks_s']:.1f} s)")
+            metrics.update(scores)
+        if metrics:
+            self.log.log(done, metrics)
+
+    def report_downstream(self) -> None:
+        """The tasks' share of this launch's time, and (rank 0) the plot of scores and val loss over steps."""
+        ds = self.downstream
+        if ds is None or not ds.evaluations:
+            return
+        share = ds.seconds / max(time.time() - self.started, 1e-9)
+        self.log.print(
+            f"downstream tasks: {ds.evaluations} evaluation(s), {ds.seconds:.1f} s, {share:.1%} of this launch"
+        )
+        if self.env.rank == 0:
+            from llm.training.scores_plot import plot_scores
+
+            try:
+                self.log.print(f"scores over steps: {plot_scores(self.run_dir)}")
+            except Exception as e:  # a report: the run itself has ended well
+                self.log.print(f"warning: the plot of scores over steps failed: {e}")
 
     def checkpoint_or_stop(self, decision: Decision) -> bool:
         """Save a checkpoint when one is due (never in a streak of non-finite losses, never non-finite weights);
@@ -407,6 +445,7 @@ class Trainer:
             "peak_source": self.peak.source,
             "params": self.model.num_params(),
             "flops_per_token": self.flops_per_token,
+            "eval_tasks_s": self.downstream.seconds if self.downstream else None,
         }
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
