@@ -42,6 +42,7 @@ def overrides(tmp_path, prepared_dir, tokenizer_dir, name, *extra) -> list[str]:
         "train.deterministic=true",
         "logger.wandb=false",
         "logger.log_every=1",
+        "deepspeed.param_persistence_threshold=0",  # under ZeRO-3 every weight partitioned (helpers.make_cfg)
         f"runs_dir={tmp_path / 'runs'}",
         f"name={name}",
         *extra,

@@ -79,6 +79,9 @@ def test_deepspeed_json_is_generated_from_the_schema():
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 1_000_000
     assert ds["zero_optimization"]["reduce_bucket_size"] == 500_000_000
     assert ds["timers"] == {"throughput": {"enabled": False}}  # DeepSpeed's default synchronises every micro-batch
+    assert "stage3_param_persistence_threshold" not in ds["zero_optimization"]  # DeepSpeed's default
+    cfg.deepspeed.param_persistence_threshold = 0
+    assert deepspeed_config(cfg, world_size=2)["zero_optimization"]["stage3_param_persistence_threshold"] == 0
 
 
 @pytest.mark.parametrize("stage", [0, 1])
@@ -198,6 +201,7 @@ BAD_VALUES = {
     "train.max_steps": (0, "train.max_steps: 0 must be at least 1"),
     "train.eval_every": (-1, "train.eval_every: -1 must be at least 0"),
     "train.eval_batches": (0, "train.eval_batches: 0 must be at least 1"),
+    "deepspeed.param_persistence_threshold": (-1, "deepspeed.param_persistence_threshold: -1 must be at least 0"),
     "train.eval_tasks": (["stdlib_rolling", "stdlib_rolling"], "train.eval_tasks: 'stdlib_rolling' is named twice"),
     "train.eval_task_limit": (0, "train.eval_task_limit: 0 must be at least 1"),
     "train.eval_task_paths": ([" "], "train.eval_task_paths: has an empty entry"),

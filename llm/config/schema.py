@@ -186,6 +186,9 @@ class DeepSpeedConfig:
     reduce_bucket_size: int = setting(500_000_000, _at_least(1))
     allgather_bucket_size: int = setting(500_000_000, _at_least(1))
     overlap_comm: bool = setting(False, _ok)
+    # ZeRO-3: a parameter of fewer elements stays whole on every rank instead of being partitioned (DeepSpeed's
+    # stage3_param_persistence_threshold); null: DeepSpeed's default, 1e5
+    param_persistence_threshold: int | None = setting(None, _optional(_at_least(0)))
 
 
 @dataclass

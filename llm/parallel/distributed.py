@@ -196,6 +196,8 @@ def deepspeed_config(cfg: Config, world_size: int, n_params: int | None = None) 
             allgather_bucket_size=min(d.allgather_bucket_size, cap),
             overlap_comm=d.overlap_comm,
         )
+    if d.stage == 3 and d.param_persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = d.param_persistence_threshold
     if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if d.offload_param:
