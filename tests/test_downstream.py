@@ -6,11 +6,10 @@ scores as the uninterrupted one, and on two ranks (ZeRO-3, sequence parallel) as
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("lm_eval")
 
-from helpers import records  # noqa: E402
+from helpers import one_thread, records  # noqa: E402
 
 from llm.config.schema import ConfigError  # noqa: E402
 from llm.train import train  # noqa: E402
@@ -141,13 +140,8 @@ def test_two_ranks_zero3_and_sequence_parallel_score_as_one_process(tmp_path, pr
     logged = {k: v for k, v in records_at(run, 4).items() if k.startswith("eval/") and k != "eval/tasks_s"}
     assert len(logged) == 4, logged
     _, model, tok = load_model(str(run / "checkpoints" / "step_00000004"), "cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the launched ranks (OMP_NUM_THREADS=1)
-    try:
-        lm = HarnessModel(model=model, tokenizer=tok, batch_size=4)
-        want = metrics(score_tasks(lm, load_tasks(tasks), LIMIT))
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread():  # as the launched ranks
+        want = metrics(score_tasks(HarnessModel(model=model, tokenizer=tok, batch_size=4), load_tasks(tasks), LIMIT))
     assert logged == pytest.approx({k: want[k] for k in logged}, rel=SHARDED_RTOL)
 
 
@@ -208,3 +202,17 @@ def test_few_shot_examples_are_the_same_at_every_evaluation(tmp_path, tokenizer_
 
     first, second = contexts(), contexts()
     assert first == second and first[0].count("\n") > 16  # two examples of eight lines each before the question
+
+
+def test_the_plot_command_redraws_a_runs_scores_and_refuses_a_directory_without_history(runs, tmp_path):
+    from pathlib import Path
+
+    from launch import run_module
+
+    whole = Path(runs[0]["run_dir"])
+    png = whole / "evals" / "scores.png"
+    png.unlink()
+    r = run_module("llm.evaluate", "--plot", whole)
+    assert r.returncode == 0 and r.stdout.strip() == f"wrote {png}" and png.stat().st_size > 10_000, r.stderr
+    r = run_module("llm.evaluate", "--plot", tmp_path)
+    assert r.returncode == 2 and r.stderr == f"error: {tmp_path} has no metrics.jsonl: name a run directory\n"
