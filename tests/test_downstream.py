@@ -238,3 +238,31 @@ def test_tasks_score_in_bf16_as_the_fp32_checkpoint_within_bf16_round_off(cfg_fa
     assert set(want) <= set(logged)
     for key in ("eval/stdlib_rolling/bits_per_byte", "eval/stdlib_rolling/byte_perplexity"):
         assert logged[key] == pytest.approx(want[key], rel=BF16_RTOL), key
+
+
+def test_a_group_and_a_tag_expand_to_their_tasks_and_the_group_logs_its_aggregate(tmp_path, tokenizer_dir):
+    from llm.config.schema import ModelConfig
+    from llm.data.tokenizer import Tokenizer
+    from llm.evals.harness import HarnessModel
+    from llm.evals.suite import SHIPPED, load_tasks, metrics, score_tasks
+    from llm.model.gpt import GPT
+
+    (tmp_path / "choice.yaml").write_text(
+        "group: stdlib_choice\ntask:\n  - stdlib_next_line\n  - stdlib_docstring\naggregate_metric_list:\n"
+        "  - metric: acc\n    aggregation: mean\n    weight_by_size: true\n"
+    )
+    import shutil
+
+    for name in ("utils.py", "stdlib_rolling.jsonl"):  # the shipped loader and data, beside the copy
+        shutil.copy(SHIPPED / name, tmp_path / name)
+    tagged = (SHIPPED / "stdlib_rolling.yaml").read_text().replace("task: stdlib_rolling", "task: rolling_copy")
+    (tmp_path / "tagged.yaml").write_text(tagged + "tag: [prose]\n")
+    tok = Tokenizer.load(tokenizer_dir)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, max_seq_len=64))
+    lm = HarnessModel(model=model, tokenizer=tok, batch_size=8)
+    tasks = load_tasks(["stdlib_choice"], [str(tmp_path)])
+    assert sorted(tasks["tasks"]) == ["stdlib_docstring", "stdlib_next_line"]
+    got = metrics(score_tasks(lm, tasks, 3))
+    members = got["eval/stdlib_next_line/acc"], got["eval/stdlib_docstring/acc"]
+    assert got["eval/stdlib_choice/acc"] == pytest.approx(sum(members) / 2)  # 3 examples each
+    assert sorted(load_tasks(["prose"], [str(tmp_path)])["tasks"]) == ["rolling_copy"]

@@ -145,30 +145,38 @@ def test_the_harness_command_line_runs_our_model_by_name(run_dir, tmp_path):
     assert "stdlib_next_line" in r.stdout and list((tmp_path / "out").rglob("results_*.json"))
 
 
+HUB_TASK = (
+    "task: hub_task\ndataset_path: Rowan/hellaswag\noutput_type: multiple_choice\ntest_split: test\n"
+    "doc_to_text: '{{ctx}}'\ndoc_to_choice: '{{endings}}'\ndoc_to_target: label\n"
+)
+NOT_HERE = "reads its data from 'Rowan/hellaswag', which is not on this machine, and nothing is downloaded here"
+
+
 @pytest.mark.parametrize(
-    "yaml, message",
+    "name, yaml, message",
     [
+        ("hub_task", HUB_TASK, f"error: task hub_task {NOT_HERE}"),
         (
-            "task: hub_task\ndataset_path: Rowan/hellaswag\noutput_type: multiple_choice\ntest_split: test\n"
-            "doc_to_text: '{{ctx}}'\ndoc_to_choice: '{{endings}}'\ndoc_to_target: label\n",
-            "error: task hub_task reads its data from 'Rowan/hellaswag', which is not on this machine, and nothing is "
-            "downloaded here",
-        ),
-        (
+            "no_such_task",
             None,
             "error: unknown task 'no_such_task'; shipped: stdlib_completion, stdlib_docstring, stdlib_next_line, "
             "stdlib_rolling; others come from a directory of task YAMLs",
         ),
+        (
+            "mixed",
+            "group: mixed\ntask:\n  - stdlib_next_line\n  - hub_task\n---\n" + HUB_TASK,
+            f"error: task hub_task (in mixed) {NOT_HERE}",
+        ),
     ],
-    ids=["hub", "unknown"],
+    ids=["hub", "unknown", "group-with-a-hub-task"],
 )
-def test_a_task_that_cannot_run_offline_is_refused_in_one_line_before_the_model_loads(tmp_path, yaml, message):
+def test_a_task_that_cannot_run_offline_is_refused_in_one_line_before_the_model_loads(tmp_path, name, yaml, message):
     from launch import run_module
 
     (tmp_path / "tasks").mkdir()
-    if yaml:
-        (tmp_path / "tasks" / "hub.yaml").write_text(yaml)
-    name = "hub_task" if yaml else "no_such_task"
+    for i, doc in enumerate((yaml or "").split("---\n")):
+        if doc:
+            (tmp_path / "tasks" / f"t{i}.yaml").write_text(doc)
     missing = tmp_path / "no-checkpoint-here"  # never read: the tasks are checked first
     r = run_module("llm.evaluate", "--checkpoint", missing, "--tasks", name, "--include-path", tmp_path / "tasks")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(message), r.stderr[-2000:]

@@ -44,27 +44,53 @@ def _local(config: dict, yaml_dir: Path) -> bool:
 
 
 def check_offline(manager, names: list[str]) -> None:
-    """Every task known and its data on this machine; TaskError otherwise."""
+    """Every task known and its data on this machine, the tasks of a group or tag included; TaskError otherwise."""
+    for name in names:
+        _check(manager, name, {}, ())
+
+
+def _check(manager, name: str, overrides: dict, within: tuple[str, ...]) -> None:
+    """One name: a YAML task (with a group's `overrides` of it), or a group or tag, whose tasks are checked."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    index = manager.task_index
-    for name in names:
-        entry = index.get(name)
-        if entry is None:
-            shipped = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.yaml")))
-            raise TaskError(
-                f"unknown task {name!r}; shipped: {shipped}; others come from a directory of task YAMLs "
-                "(--include-path DIR, train.eval_task_paths)"
-            )
-        if entry.yaml_path is None or name in manager.all_groups or name in manager.all_tags:
-            raise TaskError(f"{name} is a group or a Python task: name the YAML tasks it holds instead")
-        config = load_yaml(entry.yaml_path, resolve_func=False, recursive=True)
-        if not _local(config, Path(entry.yaml_path).parent):
-            raise TaskError(
-                f"task {name} reads its data from {config.get('dataset_path')!r}, which is not on this machine, and "
-                "nothing is downloaded here: mirror the data and point a task YAML at the local files "
-                "(--include-path DIR or train.eval_task_paths; docs/evaluation.md)"
-            )
+    entry = manager.task_index.get(name)
+    where = f" (in {' > '.join(within)})" if within else ""
+    if entry is None:
+        shipped = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.yaml")))
+        raise TaskError(
+            f"unknown task {name!r}{where}; shipped: {shipped}; others come from a directory of task YAMLs "
+            "(--include-path DIR, train.eval_task_paths)"
+        )
+    if name in within:
+        raise TaskError(f"group {name} contains itself{where}")
+    if name in manager.all_tags:  # a tag: every task that carries it
+        for tagged in sorted(e.name for e in manager.task_index.values() if name in e.tags):
+            _check(manager, tagged, {}, (*within, name))
+        return
+    if entry.yaml_path is None:
+        raise TaskError(f"{name}{where} is defined in Python, not YAML: its data cannot be checked; name YAML tasks")
+    config, here = load_yaml(entry.yaml_path, resolve_func=False, recursive=True), Path(entry.yaml_path).parent
+    if name not in manager.all_groups:
+        _need_local(name, {**config, **overrides}, here, where)
+        return
+    children = config.get("task") or []
+    for child in [children] if isinstance(children, str | dict) else children:
+        child_name, child_overrides = (child, {}) if isinstance(child, str) else (child.get("task"), child)
+        if not isinstance(child_name, str):
+            raise TaskError(f"group {name}{where}: a member without a task name: {child!r}")
+        if child_name in manager.task_index:
+            _check(manager, child_name, child_overrides, (*within, name))
+        else:  # a task defined inside the group's YAML
+            _need_local(child_name, child_overrides, here, f" (in {' > '.join((*within, name))})")
+
+
+def _need_local(name: str, config: dict, yaml_dir: Path, where: str) -> None:
+    if not _local(config, yaml_dir):
+        raise TaskError(
+            f"task {name}{where} reads its data from {config.get('dataset_path')!r}, which is not on this machine, "
+            "and nothing is downloaded here: mirror the data and point a task YAML at the local files "
+            "(--include-path DIR or train.eval_task_paths; docs/evaluation.md)"
+        )
 
 
 def run_tasks(model, names: list[str], include: list[str] | None = None, limit: int | None = None) -> dict:
