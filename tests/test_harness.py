@@ -167,8 +167,14 @@ NOT_HERE = "reads its data from 'Rowan/hellaswag', which is not on this machine,
             "group: mixed\ntask:\n  - stdlib_next_line\n  - hub_task\n---\n" + HUB_TASK,
             f"error: task hub_task (in mixed) {NOT_HERE}",
         ),
+        (
+            "outer",
+            "group: outer\ntask:\n  - inner\n---\ngroup: inner\ntask:\n  - stdlib_rolling\n  - task: hub_inline\n"
+            "    dataset_path: Rowan/hellaswag\n    output_type: multiple_choice\n",
+            f"error: task hub_inline (in outer > inner) {NOT_HERE}",
+        ),
     ],
-    ids=["hub", "unknown", "group-with-a-hub-task"],
+    ids=["hub", "unknown", "group-with-a-hub-task", "nested-group-with-an-inline-hub-task"],
 )
 def test_a_task_that_cannot_run_offline_is_refused_in_one_line_before_the_model_loads(tmp_path, name, yaml, message):
     from launch import run_module
