@@ -181,21 +181,10 @@ def test_zero3_ranks_run_the_same_number_of_forwards_with_unequal_shares(tmp_pat
 
 
 def test_few_shot_examples_are_the_same_at_every_evaluation(tmp_path, tokenizer_dir):
-    import shutil
+    from llm.evals.suite import load_tasks, score_tasks
 
-    from llm.config.schema import ModelConfig
-    from llm.data.tokenizer import Tokenizer
-    from llm.evals.harness import HarnessModel
-    from llm.evals.suite import SHIPPED, load_tasks, score_tasks
-    from llm.model.gpt import GPT
-
-    for name in ("utils.py", "stdlib_next_line.jsonl"):
-        shutil.copy(SHIPPED / name, tmp_path / name)
-    yaml = (SHIPPED / "stdlib_next_line.yaml").read_text().replace("task: stdlib_next_line", "task: next_line_2shot")
-    (tmp_path / "two_shot.yaml").write_text(yaml + "num_fewshot: 2\n")
-    tok = Tokenizer.load(tokenizer_dir)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, max_seq_len=64))
-    lm = HarnessModel(model=model, tokenizer=tok, batch_size=8)
+    copy_shipped(tmp_path, "stdlib_next_line", "next_line_2shot", "num_fewshot: 2\n")
+    lm = tiny_harness_model(tokenizer_dir)
     tasks = load_tasks(["next_line_2shot"], [str(tmp_path)])
     task = tasks["tasks"]["next_line_2shot"]
 
@@ -241,28 +230,40 @@ def test_tasks_score_in_bf16_as_the_fp32_checkpoint_within_bf16_round_off(cfg_fa
 
 
 def test_a_group_and_a_tag_expand_to_their_tasks_and_the_group_logs_its_aggregate(tmp_path, tokenizer_dir):
-    from llm.config.schema import ModelConfig
-    from llm.data.tokenizer import Tokenizer
-    from llm.evals.harness import HarnessModel
-    from llm.evals.suite import SHIPPED, load_tasks, metrics, score_tasks
-    from llm.model.gpt import GPT
+    from llm.evals.suite import load_tasks, metrics, score_tasks
 
     (tmp_path / "choice.yaml").write_text(
         "group: stdlib_choice\ntask:\n  - stdlib_next_line\n  - stdlib_docstring\naggregate_metric_list:\n"
         "  - metric: acc\n    aggregation: mean\n    weight_by_size: true\n"
     )
-    import shutil
-
-    for name in ("utils.py", "stdlib_rolling.jsonl"):  # the shipped loader and data, beside the copy
-        shutil.copy(SHIPPED / name, tmp_path / name)
-    tagged = (SHIPPED / "stdlib_rolling.yaml").read_text().replace("task: stdlib_rolling", "task: rolling_copy")
-    (tmp_path / "tagged.yaml").write_text(tagged + "tag: [prose]\n")
-    tok = Tokenizer.load(tokenizer_dir)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, max_seq_len=64))
-    lm = HarnessModel(model=model, tokenizer=tok, batch_size=8)
+    copy_shipped(tmp_path, "stdlib_rolling", "rolling_copy", "tag: [prose]\n")
+    lm = tiny_harness_model(tokenizer_dir)
     tasks = load_tasks(["stdlib_choice"], [str(tmp_path)])
     assert sorted(tasks["tasks"]) == ["stdlib_docstring", "stdlib_next_line"]
     got = metrics(score_tasks(lm, tasks, 3))
     members = got["eval/stdlib_next_line/acc"], got["eval/stdlib_docstring/acc"]
     assert got["eval/stdlib_choice/acc"] == pytest.approx(sum(members) / 2)  # 3 examples each
     assert sorted(load_tasks(["prose"], [str(tmp_path)])["tasks"]) == ["rolling_copy"]
+
+
+def copy_shipped(directory, task: str, name: str, extra: str) -> None:
+    """A shipped task renamed `name` with `extra` YAML lines, in `directory` with the shipped loader and data."""
+    import shutil
+
+    from llm.evals.suite import SHIPPED
+
+    for f in ("utils.py", f"{task}.jsonl"):
+        shutil.copy(SHIPPED / f, directory / f)
+    yaml = (SHIPPED / f"{task}.yaml").read_text().replace(f"task: {task}", f"task: {name}")
+    (directory / f"{name}.yaml").write_text(yaml + extra)
+
+
+def tiny_harness_model(tokenizer_dir):
+    from llm.config.schema import ModelConfig
+    from llm.data.tokenizer import Tokenizer
+    from llm.evals.harness import HarnessModel
+    from llm.model.gpt import GPT
+
+    tok = Tokenizer.load(tokenizer_dir)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, max_seq_len=64))
+    return HarnessModel(model=model, tokenizer=tok, batch_size=8)

@@ -225,3 +225,20 @@ def test_bench_harness_in_loop_smoke(tmp_path, prepared_dir, tokenizer_dir):
     result = json.loads((tmp_path / "bench_harness_in_loop_cpu.json").read_text())
     assert result["evaluations"] == 2 and 0 < result["tasks_s"] < result["wall_s"] and 0 < result["share"] < 1
     assert result["last_scores"]["eval/stdlib_next_line/acc"] in (0.0, 0.5, 1.0)
+
+
+def test_the_shipped_tasks_are_what_the_tool_makes_with_its_fixed_seed(tmp_path):
+    import subprocess
+    import sys
+
+    from launch import ROOT, environment
+
+    from llm.evals.suite import SHIPPED
+
+    cmd = [sys.executable, "tools/make_eval_tasks.py", "--output", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=environment())
+    assert r.returncode == 0, r.stderr
+    made = sorted(p.name for p in tmp_path.glob("*.jsonl"))
+    assert made == sorted(p.name for p in SHIPPED.glob("*.jsonl")) and len(made) == 4
+    for name in made:
+        assert (tmp_path / name).read_bytes() == (SHIPPED / name).read_bytes(), name
