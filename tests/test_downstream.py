@@ -114,8 +114,10 @@ def test_a_run_trains_the_same_with_the_tasks_and_a_resumed_run_scores_the_same(
     ],
     ids=["unknown", "no-dir", "generation-under-zero3"],
 )  # fmt: skip
-def test_tasks_that_cannot_run_are_refused_before_any_work(cfg_factory, tasks, train_extra, ds, message):
-    cfg = cfg_factory("refused", train={"eval_tasks": tasks, **train_extra}, deepspeed=ds)
+def test_tasks_that_cannot_run_are_refused_before_any_work(cfg_factory, tmp_path, tasks, train_extra, ds, message):
+    unbuilt = tmp_path / "data-to-build"  # the run would build its data here first (from the stdlib)
+    data = {"paths": [str(unbuilt)], "prepare_if_missing": True}
+    cfg = cfg_factory("refused", train={"eval_tasks": tasks, **train_extra}, deepspeed=ds, data=data)
     with pytest.raises(ConfigError) as e:
         train(cfg)
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
@@ -123,6 +125,7 @@ def test_tasks_that_cannot_run_are_refused_before_any_work(cfg_factory, tasks, t
 
     run_dir = Path(cfg.runs_dir) / "refused"  # nothing recorded: no run.json, config, tokenizer, metrics
     assert [p for p in run_dir.rglob("*") if p.is_file()] == [], list(run_dir.rglob("*"))
+    assert not unbuilt.exists()  # refused before the data was built
 
 
 def test_two_ranks_zero3_and_sequence_parallel_score_as_one_process(tmp_path, prepared_dir, tokenizer_dir):

@@ -158,12 +158,12 @@ class Trainer:
         self.origin = origin[0]
         resolve_paths(self.cfg, self.origin, self.run_dir)
         self.task = make_task(self.cfg, self.env, self.run_dir)
+        self.downstream = DownstreamTasks(self.cfg, self.run_dir) if self.cfg.train.eval_tasks else None
+        if self.downstream is not None:  # before the data is built: checking tasks takes seconds
+            D.on_every_rank(self.downstream.check, (ConfigError,))  # each rank reads the tasks' files itself
         bad_input = (*BAD_INPUT, OSError)
         D.on_rank0(self.task.prepare, bad_input)
         self.tok = self.task.setup()
-        self.downstream = DownstreamTasks(self.cfg, self.run_dir) if self.cfg.train.eval_tasks else None
-        if self.downstream is not None:
-            D.on_every_rank(self.downstream.check, (ConfigError,))  # each rank reads the tasks' files itself
 
         def record() -> None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
