@@ -109,14 +109,13 @@ FEWSHOT_SEED = 1234  # the harness's default seed for drawing few-shot examples
 
 def load_tasks(names: list[str], include: list[str] | None = None) -> dict:
     """The harness's task objects of `names` (checked offline first), set up as its CLI sets them up: zero-shot
-    unless a task's YAML says otherwise, few-shot examples drawn with the harness's default seed."""
+    unless a task's YAML says otherwise (score_tasks seeds their few-shot draws)."""
     manager = task_manager(include)
     check_offline(manager, names)
     loaded = manager.load(names)
     for task in loaded["tasks"].values():
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
-        task.set_fewshot_seed(seed=FEWSHOT_SEED)
     return loaded
 
 

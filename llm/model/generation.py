@@ -158,6 +158,7 @@ def generate(
     out = torch.empty((B, 0), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     ended = [None] * B  # each row's length once it has ended
+    can_end = (eos_id is not None and s.stop_at_eos) or stop is not None  # else: every step, no check
     cache = KVCache(model, B, ids.size(1) + s.max_new_tokens, dtype, device) if use_cache else None
     for step in range(s.max_new_tokens):
         if use_cache:
@@ -177,6 +178,8 @@ def generate(
         if eos_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         out = torch.cat([out, nxt[:, None]], dim=1)
+        if not can_end:
+            continue
         now = done.clone()
         if eos_id is not None and s.stop_at_eos:
             now |= nxt == eos_id
